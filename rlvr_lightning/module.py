@@ -1,0 +1,575 @@
+"""``RLVRModule``: one training step is one rollout followed by several policy updates.
+
+The way through this file is the way the data goes:
+prompts -> rollout (generate) -> reward -> advantage -> old log-probs and entropies ->
+schedule callbacks set the control state -> ``updates_per_rollout`` optimizer steps, each over
+one mini-batch accumulated in micro-batches under a token budget -> metrics.
+
+Lightning counts one global step per rollout: the optimizer steps inside a rollout are taken on
+the plain torch optimizer, and the module advances Lightning's step counter once at the end of
+the training step, so ``trainer.max_steps`` is the number of rollouts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import resource
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+
+from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
+from rlvr_lightning.control import ControlState
+from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
+from rlvr_lightning.logprobs import response_logprobs
+from rlvr_lightning.metrics import entropy_by_region
+from rlvr_lightning.models import load_model_and_tokenizer
+from rlvr_lightning.objectives import (
+    LossNormalizer,
+    ObjectiveParams,
+    PolicyBatch,
+    compute_loss,
+    get_objective,
+)
+from rlvr_lightning.rewards import RewardFunction
+from rlvr_lightning.rollout import Rollout, generate_rollout
+from rlvr_lightning.schedulers.base import ConstantSchedule, ControlCallback, StepInfo
+
+log = logging.getLogger(__name__)
+
+
+class RLVRModule(pl.LightningModule):
+    """Policy (a Hugging Face causal LM) trained with a pluggable objective.
+
+    Args mirror the config groups: ``model`` (see ``models.load_model_and_tokenizer``),
+    ``objective`` (``conf/objective/*.yaml``), ``rollout`` (generation and update shape),
+    ``optim`` (optimizer and LR schedule), ``reward`` (``rewards.RewardFunction``),
+    ``prompt`` (instruction and system prompt), ``logging`` (sample logging).
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        objective: dict[str, Any],
+        rollout: dict[str, Any],
+        optim: dict[str, Any],
+        reward: dict[str, Any],
+        prompt: dict[str, Any] | None = None,
+        logging: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.seed = seed
+        self.rollout_cfg = dict(rollout)
+        self.optim_cfg = dict(optim)
+        self.prompt_cfg = {"instruction": DEFAULT_INSTRUCTION, "system_prompt": None, **(prompt or {})}
+        self.logging_cfg = {"sample_every_n_steps": 5, "num_samples": 4, **(logging or {})}
+
+        self.objective_name = objective["name"]
+        self.objective_spec = get_objective(self.objective_name)
+        self.objective_cfg = dict(objective)
+        self.objective_params = ObjectiveParams(
+            aggregation=objective.get("aggregation") or self.objective_spec.default_aggregation,
+            kl_coef=float(objective.get("kl_coef", 0.0)),
+            entropy_coef=float(objective.get("entropy_coef", 0.0)),
+            nll_coef=float(objective.get("nll_coef", 0.0)),
+            options=dict(objective.get("options") or {}),
+        )
+        self.control = ControlState(**dict(objective.get("control") or {}))
+
+        self.policy, self.tokenizer = load_model_and_tokenizer(**model, seed=seed)
+        self.policy.train()
+        self.ref_policy = None
+        if self.objective_params.kl_coef > 0:
+            self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.reward_fn = RewardFunction(**reward)
+        self.val_accuracy = torchmetrics.MeanMetric()
+        self.val_reward = torchmetrics.MeanMetric()
+        self.val_length = torchmetrics.MeanMetric()
+        self.nonfinite_updates = 0
+
+        epochs, mini_batches = int(rollout["epochs"]), int(rollout["mini_batches"])
+        self.updates_per_rollout = epochs * mini_batches
+        if self.updates_per_rollout == 1 and self.objective_spec.uses_clipping:
+            warnings.warn(
+                f"updates_per_rollout == 1: objective {self.objective_name!r} relies on clipping, "
+                "but with one optimizer step per rollout the ratio is exactly 1 and nothing is "
+                "ever clipped; raise rollout.epochs or rollout.mini_batches",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ Lightning plumbing
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=float(cfg["lr"]),
+            betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            weight_decay=float(cfg.get("weight_decay", 0.0)),
+            eps=float(cfg.get("eps", 1e-8)),
+        )
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        total_updates = max(1, max_steps * self.updates_per_rollout) if max_steps and max_steps > 0 else None
+        warmup = int(cfg.get("warmup_updates", 0))
+        kind = cfg.get("lr_schedule", "constant")
+
+        def factor(update: int) -> float:
+            if warmup and update < warmup:
+                return (update + 1) / warmup
+            if kind == "constant" or total_updates is None:
+                return 1.0
+            progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
+            floor = float(cfg.get("min_lr_ratio", 0.0))
+            if kind == "cosine":
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            if kind == "linear":
+                return floor + (1 - floor) * (1 - progress)
+            raise ValueError(f"optim.lr_schedule={kind!r}; use constant, linear or cosine")
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        schedules = [cb for cb in self.trainer.callbacks if isinstance(cb, ControlCallback)]
+        if self.updates_per_rollout == 1 and any(not isinstance(cb, ConstantSchedule) for cb in schedules):
+            warnings.warn(
+                "updates_per_rollout == 1: a clip-threshold schedule has no effect because nothing "
+                "is clipped with one optimizer step per rollout",
+                stacklevel=2,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rlvr_control_state"] = self.control.state_dict()
+        checkpoint["rlvr_nonfinite_updates"] = self.nonfinite_updates
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rlvr_control_state" not in checkpoint:
+            raise ValueError("checkpoint has no rlvr_lightning control state; was it written by rlvr_lightning?")
+        self.control.load_state_dict(checkpoint["rlvr_control_state"])
+        self.nonfinite_updates = int(checkpoint.get("rlvr_nonfinite_updates", 0))
+
+    def _advance_step_counter(self) -> None:
+        # Optimizer steps go to the plain optimizer; one Lightning step is one rollout.
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _step_seed(self, step: int, salt: int = 0) -> int:
+        return (self.seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)
+
+    # ------------------------------------------------------------------ training step
+
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        step = self.global_step
+        timings: dict[str, float] = defaultdict(float)
+        step_start = time.perf_counter()
+        # Every random draw of a step (sampling, mini-batch order, Clip-Cov) derives from
+        # (seed, step), so a resumed run makes the same draws as an uninterrupted one.
+        torch.manual_seed(self._step_seed(step))
+
+        rollout, rollout_metrics = self._collect_rollout(batch, timings)
+        with self._timed(timings, "old_logprobs"):
+            self._old_logprobs(rollout)
+        if self.ref_policy is not None:
+            with self._timed(timings, "ref_logprobs"):
+                self._ref_logprobs(rollout)
+        rollout_metrics.update(self._rollout_entropy_metrics(rollout))
+
+        info = StepInfo(
+            step=step,
+            total_steps=max(int(self.trainer.max_steps), 1),
+            rollout_entropy=float(rollout_metrics["entropy/rollout"]),
+            reward_mean=float(rollout_metrics["reward/mean"]),
+        )
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ControlCallback):
+                callback.on_rollout_end(self.trainer, self, info)
+
+        with self._timed(timings, "update"):
+            update_metrics = self._update_policy(rollout, step)
+
+        step_seconds = time.perf_counter() - step_start
+        completion_tokens = float(rollout.response_mask.sum())
+        metrics = {**rollout_metrics, **update_metrics}
+        metrics.update({f"control/{k}": v for k, v in self.control.scalars().items()})
+        metrics["control/updates_per_rollout"] = float(self.updates_per_rollout)
+        metrics.update({f"time/{k}_seconds": v for k, v in timings.items()})
+        metrics["time/step_seconds"] = step_seconds
+        metrics["perf/completion_tokens_per_second"] = completion_tokens / max(step_seconds, 1e-9)
+        metrics["perf/peak_memory_gib"] = self._peak_memory_gib()
+        metrics["optim/lr"] = self.lr_schedulers().get_last_lr()[0]
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=len(rollout))
+        self.log("reward", metrics["reward/mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(rollout))
+        self.log("entropy", metrics["entropy/rollout"], prog_bar=True, on_step=True, logger=False, batch_size=len(rollout))
+        self._log_samples(rollout, step)
+        self._advance_step_counter()
+
+    @contextmanager
+    def _timed(self, timings: dict[str, float], stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[stage] += time.perf_counter() - start
+
+    def _prompts(self, rows: list[dict[str, Any]]) -> list[str]:
+        return [
+            build_prompt(self.tokenizer, row["question"], self.prompt_cfg["instruction"], self.prompt_cfg["system_prompt"])
+            for row in rows
+        ]
+
+    def _generate(self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False) -> Rollout:
+        cfg = self.rollout_cfg
+        return generate_rollout(
+            self.policy,
+            self.tokenizer,
+            self._prompts(rows),
+            group_size=group_size,
+            max_new_tokens=int(cfg["max_new_tokens"]),
+            temperature=float(cfg["temperature"]),
+            top_p=float(cfg.get("top_p", 1.0)),
+            greedy=greedy,
+            max_prompt_tokens=cfg.get("max_prompt_tokens"),
+        )
+
+    def _score(self, rollout: Rollout, answers: list[str]) -> dict[str, torch.Tensor]:
+        result = self.reward_fn(rollout.completions, answers)
+        rewards = torch.tensor(result.rewards, dtype=torch.float32)
+        correct = torch.tensor(result.correct, dtype=torch.bool)
+        return {
+            "rewards": rewards,
+            "correct": correct,
+            "failures": torch.tensor(float(result.num_failures)),
+            "timeouts": torch.tensor(float(result.num_timeouts)),
+        }
+
+    def _collect_rollout(
+        self, rows: list[dict[str, Any]], timings: dict[str, float]
+    ) -> tuple[Rollout, dict[str, float]]:
+        """Generate, score and compute advantages; with dynamic sampling (DAPO), keep drawing
+        generation batches and dropping constant-reward groups until the batch is full."""
+        cfg, obj = self.rollout_cfg, self.objective_cfg
+        group_size = int(cfg["group_size"])
+        prompts_per_step = int(cfg["prompts_per_step"])
+        dynamic = bool(obj.get("dynamic_sampling", False))
+        max_batches = int(obj.get("max_num_gen_batches", 1)) if dynamic else 1
+        kept: list[Rollout] = []
+        kept_groups, seen_groups, dropped_groups, gen_batches = 0, 0, 0, 0
+        all_rewards, all_correct, failures, timeouts = [], [], 0.0, 0.0
+        all_lengths, all_truncated = [], []
+        for gen_batch in range(max_batches):
+            chunk = rows[gen_batch * prompts_per_step : (gen_batch + 1) * prompts_per_step]
+            if not chunk:
+                break
+            gen_batches += 1
+            with self._timed(timings, "generate"):
+                rollout = self._generate(chunk, group_size)
+            with self._timed(timings, "reward"):
+                scores = self._score(rollout, [row["answer"] for row in chunk for _ in range(group_size)])
+            rewards = scores["rewards"]
+            all_rewards.append(rewards)
+            all_correct.append(scores["correct"])
+            all_lengths.append(rollout.response_lengths.cpu())
+            all_truncated.append(rollout.truncated.cpu())
+            failures += float(scores["failures"])
+            timeouts += float(scores["timeouts"])
+            buffer = int(obj.get("overlong_buffer_tokens", 0))
+            if buffer > 0:
+                rewards = rewards + overlong_penalty(
+                    rollout.response_lengths.cpu(), int(cfg["max_new_tokens"]), buffer
+                )
+            rollout.data["rewards"] = rewards
+            rollout.data["correct"] = scores["correct"]
+            seen_groups += len(chunk)
+            if dynamic:
+                keep_group = ~constant_groups(rewards, group_size)
+                dropped_groups += int((~keep_group).sum())
+                keep_rows = keep_group.repeat_interleave(group_size).nonzero().squeeze(-1)
+                if keep_rows.numel():
+                    kept.append(rollout.select(keep_rows.to(rollout.input_ids.device)))
+                    kept_groups += int(keep_group.sum())
+                if kept_groups >= prompts_per_step:
+                    break
+            else:
+                kept.append(rollout)
+                kept_groups += len(chunk)
+        if not kept:
+            # Every group had equal rewards: no signal this step. Train on the last batch anyway
+            # (its advantages are all zero, so the policy loss is zero) to keep steps uniform.
+            kept = [rollout]
+        merged = merge_rollouts(kept, self.tokenizer.pad_token_id)
+        if dynamic and len(merged) > prompts_per_step * group_size:
+            merged = merged.select(torch.arange(prompts_per_step * group_size, device=merged.input_ids.device))
+        estimator = self.objective_cfg.get("advantage", "grpo")
+        advantages = group_advantages(merged.data["rewards"], group_size, estimator)
+        merged.data["advantages"] = advantages
+        loss_mask = merged.response_mask.clone()
+        if obj.get("overlong_filter", False):
+            loss_mask[merged.truncated] = 0.0
+        merged.data["loss_mask"] = loss_mask
+
+        rewards_seen = torch.cat(all_rewards)
+        lengths = torch.cat(all_lengths).float()
+        metrics = {
+            "reward/mean": float(merged.data["rewards"].mean()),
+            "reward/accuracy": float(torch.cat(all_correct).float().mean()),
+            "reward/mean_all_generated": float(rewards_seen.mean()),
+            "reward/verifier_failures": failures,
+            "reward/verifier_timeouts": timeouts,
+            "reward/advantage_abs_mean": float(advantages.abs().mean()),
+            "length/response_mean": float(lengths.mean()),
+            "length/response_max": float(lengths.max()),
+            "length/truncated_fraction": float(torch.cat(all_truncated).float().mean()),
+            "sampling/generation_batches": float(gen_batches),
+            "sampling/dropped_group_fraction": dropped_groups / max(seen_groups, 1),
+            "sampling/num_sequences": float(len(merged)),
+        }
+        return merged, metrics
+
+    def _micro_batches(self, rows: torch.Tensor, rollout: Rollout) -> list[torch.Tensor]:
+        """Split ``rows`` into micro-batches under the token budget, sorted by length."""
+        budget = int(self.rollout_cfg.get("max_tokens_per_micro_batch", 4096))
+        total_lengths = rollout.attention_mask[rows].sum(-1)
+        order = rows[torch.argsort(total_lengths.cpu(), descending=True)]
+        micro, current, longest = [], [], 0
+        for row in order.tolist():
+            length = int(rollout.attention_mask[row].sum())
+            new_longest = max(longest, length)
+            if current and new_longest * (len(current) + 1) > budget:
+                micro.append(torch.tensor(current))
+                current, new_longest = [], length
+            current.append(row)
+            longest = new_longest
+        if current:
+            micro.append(torch.tensor(current))
+        return micro
+
+    def _trimmed(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        """Inputs of ``rows`` with shared left (prompt) and right (response) padding removed."""
+        ids = rollout.input_ids[rows]
+        attention = rollout.attention_mask[rows]
+        response_length = rollout.response_length
+        prompt_length = ids.shape[1] - response_length
+        prompt_used = attention[:, :prompt_length].any(0).nonzero()
+        left = int(prompt_used[0]) if prompt_used.numel() else prompt_length
+        response_used = int(rollout.response_mask[rows].sum(-1).max().clamp_min(1))
+        right = prompt_length + response_used
+        return ids[:, left:right], attention[:, left:right], slice(0, response_used)
+
+    @torch.no_grad()
+    def _old_logprobs(self, rollout: Rollout) -> None:
+        """Pre-update pass: log pi_old and H(pi_old) for every response token."""
+        self._fill_logprobs(rollout, self.policy, "old_logp", "old_entropy", with_entropy=True)
+
+    @torch.no_grad()
+    def _ref_logprobs(self, rollout: Rollout) -> None:
+        self._fill_logprobs(rollout, self.ref_policy, "ref_logp", None, with_entropy=False)
+
+    def _fill_logprobs(
+        self, rollout: Rollout, model: torch.nn.Module, logp_key: str, entropy_key: str | None, with_entropy: bool
+    ) -> None:
+        n, length = len(rollout), rollout.response_length
+        logp_all = torch.zeros(n, length, device=rollout.input_ids.device)
+        entropy_all = torch.zeros(n, length, device=rollout.input_ids.device)
+        temperature = float(self.rollout_cfg["temperature"])
+        was_training = model.training
+        model.eval()
+        for rows in self._micro_batches(torch.arange(n), rollout):
+            ids, attention, used = self._trimmed(rollout, rows)
+            logp, entropy = response_logprobs(
+                model, ids, attention, used.stop, temperature, with_entropy=with_entropy
+            )
+            logp_all[rows.to(logp_all.device), used] = logp
+            if entropy is not None:
+                entropy_all[rows.to(logp_all.device), used] = entropy
+        model.train(was_training)
+        rollout.data[logp_key] = logp_all * rollout.response_mask
+        if entropy_key is not None:
+            rollout.data[entropy_key] = entropy_all * rollout.response_mask
+
+    def _rollout_entropy_metrics(self, rollout: Rollout) -> dict[str, float]:
+        mask = rollout.data["loss_mask"]
+        entropy = rollout.data["old_entropy"]
+        metrics = {"entropy/rollout": float((entropy * mask).sum() / mask.sum().clamp_min(1))}
+        advantages = rollout.data["advantages"].to(mask.device).unsqueeze(-1).expand_as(mask)
+        metrics.update(entropy_by_region(entropy, rollout.data["old_logp"], advantages, mask))
+        return metrics
+
+    def _update_policy(self, rollout: Rollout, step: int) -> dict[str, float]:
+        cfg = self.rollout_cfg
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        scheduler = self.lr_schedulers()
+        n = len(rollout)
+        mini_batches = int(cfg["mini_batches"])
+        if n < mini_batches:
+            raise ValueError(f"{n} sequences cannot form rollout.mini_batches={mini_batches} mini-batches")
+        generator = torch.Generator().manual_seed(self._step_seed(step, salt=1))
+        device = rollout.input_ids.device
+        advantages = rollout.data["advantages"].to(device)
+        loss_mask = rollout.data["loss_mask"].to(device)
+        correct = rollout.data["correct"].to(device)
+        temperature = float(cfg["temperature"])
+        need_entropy_grad = self.objective_params.entropy_coef > 0
+        totals: dict[str, float] = defaultdict(float)
+        weights: dict[str, float] = defaultdict(float)
+        losses, grad_norms, skipped = [], [], 0
+        for _epoch in range(int(cfg["epochs"])):
+            order = torch.randperm(n, generator=generator)
+            for mini in order.tensor_split(mini_batches):
+                mini_mask = loss_mask[mini]
+                counts = torch.tensor(
+                    [mini_mask.sum(), float(len(mini)), (mini_mask * correct[mini].unsqueeze(-1)).sum()],
+                    device=device,
+                )
+                counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+                normalizer = LossNormalizer(
+                    num_tokens=float(counts[0]),
+                    num_sequences=float(counts[1]),
+                    max_response_length=int(cfg["max_new_tokens"]),
+                    world_size=self.trainer.world_size,
+                    num_correct_tokens=float(counts[2]),
+                )
+                optimizer.zero_grad(set_to_none=True)
+                mini_loss = 0.0
+                for micro in self._micro_batches(mini, rollout):
+                    ids, attention, used = self._trimmed(rollout, micro)
+                    logp, entropy = response_logprobs(
+                        self.policy, ids, attention, used.stop, temperature,
+                        with_entropy=True, entropy_grad=need_entropy_grad,
+                    )
+                    micro_dev = micro.to(device)
+                    batch = PolicyBatch(
+                        logp=logp,
+                        old_logp=rollout.data["old_logp"][micro_dev, used],
+                        advantages=advantages[micro_dev].unsqueeze(-1).expand_as(logp),
+                        mask=loss_mask[micro_dev, used],
+                        entropy=entropy,
+                        old_entropy=rollout.data["old_entropy"][micro_dev, used],
+                        ref_logp=rollout.data["ref_logp"][micro_dev, used] if "ref_logp" in rollout.data else None,
+                        correct=correct[micro_dev],
+                        generator=generator,
+                    )
+                    loss, metrics = compute_loss(
+                        self.objective_name, batch, self.control, self.objective_params, normalizer
+                    )
+                    self.manual_backward(loss)
+                    mini_loss += float(loss.detach())
+                    tokens = float(batch.mask.sum())
+                    metrics["entropy/update"] = (entropy.detach() * batch.mask).sum() / batch.mask.sum().clamp_min(1)
+                    for key, value in metrics.items():
+                        totals[key] += float(value) * tokens
+                        weights[key] += tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy.parameters(), float(self.optim_cfg.get("max_grad_norm", 1.0))
+                )
+                if not (math.isfinite(mini_loss) and torch.isfinite(grad_norm)):
+                    # A NaN/Inf loss or gradient: skip this update rather than corrupt the weights.
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.nonfinite_updates += 1
+                    continue
+                optimizer.step()
+                scheduler.step()
+                losses.append(mini_loss)
+                grad_norms.append(float(grad_norm))
+        out = {key: totals[key] / max(weights[key], 1e-9) for key in totals}
+        out["optim/loss"] = sum(losses) / max(len(losses), 1)
+        out["optim/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        out["optim/skipped_nonfinite_updates"] = float(skipped)
+        return out
+
+    def _peak_memory_gib(self) -> float:
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+    def _log_samples(self, rollout: Rollout, step: int) -> None:
+        every = int(self.logging_cfg["sample_every_n_steps"])
+        if every <= 0 or step % every:
+            return
+        count = min(int(self.logging_cfg["num_samples"]), len(rollout))
+        rewards = rollout.data["rewards"]
+        records = [
+            {"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i], "reward": float(rewards[i])}
+            for i in range(0, len(rollout), max(1, len(rollout) // count))[:count]
+        ]
+        if self.trainer.log_dir and self.trainer.is_global_zero:
+            path = Path(self.trainer.log_dir) / "samples.jsonl"
+            with path.open("a") as handle:
+                for record in records:
+                    handle.write(json.dumps(record) + "\n")
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_text"):
+            text = "\n\n".join(
+                f"**reward {r['reward']:.2f}**\n\n```\n{r['prompt']}{r['completion']}\n```" for r in records
+            )
+            experiment.add_text("samples/completions", text, global_step=step)
+
+    # ------------------------------------------------------------------ validation
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            rollout = self._generate(batch, group_size=1, greedy=True)
+        scores = self._score(rollout, [row["answer"] for row in batch])
+        self.val_accuracy.update(scores["correct"].float())
+        self.val_reward.update(scores["rewards"])
+        self.val_length.update(rollout.response_lengths.float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
+        self.log("val/reward", self.val_reward.compute())
+        self.log("val/response_length", self.val_length.compute())
+        self.val_accuracy.reset()
+        self.val_reward.reset()
+        self.val_length.reset()
+
+
+def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Concatenate rollouts of different prompt/response widths, re-padding to a common one."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.input_ids.shape[1] - p.response_length for p in parts)
+    response_width = max(p.response_length for p in parts)
+
+    def pad(part: Rollout, tensor: torch.Tensor, value: float) -> torch.Tensor:
+        prompt_length = part.input_ids.shape[1] - part.response_length
+        left = prompt_width - prompt_length
+        right = response_width - part.response_length
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+
+    def pad_response(part: Rollout, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, response_width - part.response_length), value=0)
+
+    data_keys = set(parts[0].data)
+    data: dict[str, torch.Tensor] = {}
+    for key in data_keys:
+        values = [p.data[key] for p in parts]
+        if values[0].dim() == 2:
+            values = [pad_response(p, v) for p, v in zip(parts, values, strict=True)]
+        data[key] = torch.cat(values)
+    return Rollout(
+        input_ids=torch.cat([pad(p, p.input_ids, pad_token_id) for p in parts]),
+        attention_mask=torch.cat([pad(p, p.attention_mask, 0) for p in parts]),
+        response_mask=torch.cat([pad_response(p, p.response_mask) for p in parts]),
+        response_lengths=torch.cat([p.response_lengths for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
+        completions=[c for p in parts for c in p.completions],
+        prompts=[q for p in parts for q in p.prompts],
+        group_size=parts[0].group_size,
+        data=data,
+    )

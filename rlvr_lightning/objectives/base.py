@@ -1,0 +1,253 @@
+"""Objective interface, registry and loss aggregation (ALGORITHMS.md sections 1 and 2.9).
+
+An objective is a pure tensor function: it gets one micro-batch of per-token tensors
+(``PolicyBatch``), the thresholds in force (``ControlState``) and its own parameters, and
+returns the per-token loss ``l_t`` with a dict of named metrics. It knows nothing about models
+or Lightning. ``compute_loss`` then applies ERC (section 3), aggregates over the mask with the
+objective's aggregation mode and the true global counts of the optimizer mini-batch, and adds
+the extras of section 2.9.
+
+Adding an objective is one function plus one decorator::
+
+    @register_objective("my_loss", aggregation="token-mean")
+    def my_loss(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> ObjectiveTerms:
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlvr_lightning.control import ControlState
+
+LOG_RATIO_CLAMP = 20.0
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class PolicyBatch:
+    """Per-token tensors of one micro-batch, all ``[batch, response_length]``.
+
+    ``logp`` carries the gradient; everything else is detached data from the rollout.
+    """
+
+    logp: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    # H(pi_theta) at each position from the update pass (needed by ERC and the entropy bonus).
+    entropy: torch.Tensor | None = None
+    # H(pi_old) from the pre-update pass on the rollout (needed by ERC).
+    old_entropy: torch.Tensor | None = None
+    # log pi_ref for the k3 KL penalty.
+    ref_logp: torch.Tensor | None = None
+    # [batch] bool: response judged correct (NLL on correct responses).
+    correct: torch.Tensor | None = None
+    # Random generator for objectives that sample tokens (Clip-Cov).
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class LossNormalizer:
+    """Global counts of the optimizer mini-batch, over all micro-batches and ranks."""
+
+    num_tokens: float
+    num_sequences: float
+    max_response_length: int
+    # Data-parallel gradients are averaged over ranks; each rank's share is scaled back up so
+    # the averaged gradient equals that of the global mean.
+    world_size: int = 1
+    # Global count of response tokens of correct responses (NLL extra, section 2.9).
+    num_correct_tokens: float = 0.0
+
+
+@dataclass
+class ObjectiveParams:
+    """Per-objective settings that are not control state (which schedules may change)."""
+
+    aggregation: str = "token-mean"
+    # Extras of section 2.9, combinable with any objective.
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    nll_coef: float = 0.0
+    # Objective-specific options (Clip-Cov / KL-Cov ratios, GSPO log clamp, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveTerms:
+    """What an objective returns: per-token loss (to be aggregated) and named metrics."""
+
+    per_token_loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+ObjectiveFn = Callable[[PolicyBatch, ControlState, ObjectiveParams], ObjectiveTerms]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    fn: ObjectiveFn
+    default_aggregation: str
+    uses_clipping: bool
+    doc: str
+
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(
+    name: str, *, aggregation: str = "token-mean", uses_clipping: bool = True
+) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Register ``fn`` under ``name``. ``uses_clipping`` drives the one-update warning."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+
+    def decorator(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} is registered twice")
+        _REGISTRY[name] = ObjectiveSpec(name, fn, aggregation, uses_clipping, (fn.__doc__ or "").strip())
+        return fn
+
+    return decorator
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    if name not in _REGISTRY:
+        raise KeyError(
+            f"unknown objective {name!r}; available: {', '.join(available_objectives())}"
+        )
+    return _REGISTRY[name]
+
+
+def available_objectives() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain token mean over ``mask`` (0 when the mask is empty). Used for metrics."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def log_ratio(batch: PolicyBatch) -> torch.Tensor:
+    """``logp - logp_old`` clamped to [-20, 20] before any ``exp`` (section 1)."""
+    return (batch.logp - batch.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def aggregate(
+    per_token_loss: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: LossNormalizer
+) -> torch.Tensor:
+    """This micro-batch's share of the mini-batch loss under ``mode`` (section 1).
+
+    Summing the returned values over all micro-batches (and ranks, after the data-parallel
+    average) gives exactly the mini-batch loss, so the gradient does not depend on how the
+    mini-batch is split.
+    """
+    mask = mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask
+    scale = float(normalizer.world_size)
+    if mode == "token-mean":
+        return masked.sum() * scale / max(normalizer.num_tokens, 1.0)
+    if mode == "seq-mean-token-mean":
+        per_sequence = masked.sum(-1) / mask.sum(-1).clamp_min(1.0)
+        return per_sequence.sum() * scale / max(normalizer.num_sequences, 1.0)
+    if mode == "seq-mean-token-sum":
+        return masked.sum() * scale / max(normalizer.num_sequences, 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        denominator = max(normalizer.num_sequences, 1.0) * max(normalizer.max_response_length, 1)
+        return masked.sum() * scale / denominator
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi_theta || pi_ref) per token (section 2.2), clamped as specified."""
+    diff = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return (diff.exp() - diff - 1.0).clamp(-10.0, 10.0)
+
+
+def erc_in_band(
+    batch: PolicyBatch, control: ControlState
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERC band membership and entropy ratio ``rho`` per token (section 3).
+
+    A token is in band when ``1 - beta_low < rho < 1 + beta_high`` (open interval).
+    """
+    if batch.entropy is None or batch.old_entropy is None:
+        raise ValueError("ERC needs both the update-pass entropy and the rollout (old) entropy")
+    rho = (batch.entropy.detach() + 1e-8) / (batch.old_entropy.detach() + 1e-8)
+    return (rho > 1.0 - control.erc_beta_low) & (rho < 1.0 + control.erc_beta_high), rho
+
+
+def compute_loss(
+    name: str,
+    batch: PolicyBatch,
+    control: ControlState,
+    params: ObjectiveParams,
+    normalizer: LossNormalizer,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Objective ``name`` plus ERC and extras, aggregated: this micro-batch's loss share.
+
+    Metrics are plain token means over this micro-batch's mask (not the loss aggregation),
+    prefixed ``objective/``; the caller averages them over micro-batches weighted by tokens.
+    """
+    spec = get_objective(name)
+    terms = spec.fn(batch, control, params)
+    per_token = terms.per_token_loss
+    metrics = {f"objective/{k}": v.detach() for k, v in terms.metrics.items()}
+    mask = batch.mask.to(per_token.dtype)
+
+    if control.erc_enabled:
+        in_band, rho = erc_in_band(batch, control)
+        # Out-of-band tokens keep their loss value but lose their gradient, and still count in
+        # the denominator (section 3).
+        per_token = torch.where(in_band, per_token, per_token.detach())
+        valid = mask.bool()
+        metrics["objective/erc_in_band_fraction"] = masked_mean(in_band.float(), mask)
+        metrics["objective/erc_above_band_fraction"] = masked_mean(
+            (rho >= 1.0 + control.erc_beta_high).float(), mask
+        )
+        metrics["objective/erc_below_band_fraction"] = masked_mean(
+            (rho <= 1.0 - control.erc_beta_low).float(), mask
+        )
+        if valid.any():
+            values = rho[valid].float()
+            for q in (0.05, 0.5, 0.95):
+                metrics[f"objective/erc_rho_p{int(q * 100):02d}"] = values.quantile(q)
+
+    if params.kl_coef:
+        if batch.ref_logp is None:
+            raise ValueError("kl_coef > 0 needs reference log-probs (ref_logp) in the batch")
+        kl = k3_kl(batch.logp, batch.ref_logp)
+        per_token = per_token + params.kl_coef * kl
+        metrics["objective/kl_ref"] = masked_mean(kl.detach(), mask)
+
+    loss = aggregate(per_token, mask, params.aggregation, normalizer)
+    metrics["objective/policy_loss"] = masked_mean(terms.per_token_loss.detach(), mask)
+
+    if params.entropy_coef:
+        if batch.entropy is None:
+            raise ValueError("entropy_coef > 0 needs the update-pass entropy in the batch")
+        # Token mean over the same mask as the policy loss, over the whole mini-batch.
+        loss = loss - params.entropy_coef * aggregate(batch.entropy, mask, "token-mean", normalizer)
+
+    if params.nll_coef:
+        if batch.correct is None:
+            raise ValueError("nll_coef > 0 needs the per-response correctness in the batch")
+        correct_mask = mask * batch.correct.to(mask.dtype).unsqueeze(-1)
+        # Mean over the tokens of correct responses in the whole mini-batch.
+        count = normalizer.num_correct_tokens
+        if count > 0:
+            nll = -(batch.logp * correct_mask).sum() * normalizer.world_size / count
+            loss = loss + params.nll_coef * nll
+            metrics["objective/nll_correct"] = masked_mean(-batch.logp.detach(), correct_mask)
+
+    return loss, metrics

@@ -1,0 +1,91 @@
+"""Training entry point: ``python -m rlvr_lightning.train [group=option ...] [key=value ...]``.
+
+Thin by design: compose the config, validate it, instantiate the data module, the module, the
+callbacks, the logger and the trainer, then fit. Everything else lives in the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from rlvr_lightning.config import validate_config
+from rlvr_lightning.module import RLVRModule
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.get("run_dir") or "outputs/runs/unnamed")
+
+
+def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.LightningDataModule]:
+    """Instantiate the trainer, the module and the data module from a composed config."""
+    validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    objective = container["objective"]
+    generation_batches = int(objective["max_num_gen_batches"]) if objective.get("dynamic_sampling") else 1
+    datamodule = instantiate(cfg.data, generation_batches_per_step=generation_batches)
+    module = RLVRModule(
+        model=container["model"],
+        objective=objective,
+        rollout=container["rollout"],
+        optim=container["optim"],
+        reward=container["reward"],
+        prompt=container["prompt"],
+        logging=container["logging"],
+        seed=int(cfg.seed),
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        save_last=bool(cfg.checkpoint.save_last),
+        every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None,
+        save_top_k=-1 if int(cfg.checkpoint.every_n_steps) else 0,
+        save_on_train_epoch_end=False,
+    )
+    if not int(cfg.checkpoint.every_n_steps):
+        # Only last.ckpt, written when training ends.
+        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                     every_n_train_steps=int(cfg.trainer.max_steps))
+    callbacks = [instantiate(cfg.scheduler), checkpoint]
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    return trainer, module, datamodule
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
+    """Train as configured; returns the final logged metrics (floats)."""
+    run_dir = run_dir or run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer, module, datamodule = build(cfg, run_dir)
+    if cfg.validate_before_training and not cfg.ckpt_path:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        print(f"[rlvr_lightning] held-out accuracy before training: {float(trainer.callback_metrics['val/accuracy']):.3f}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "val/accuracy" in metrics:
+        print(f"[rlvr_lightning] held-out accuracy after training: {metrics['val/accuracy']:.3f}")
+    print(f"[rlvr_lightning] run directory: {run_dir.resolve()}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    return metrics.get("val/accuracy")
+
+
+if __name__ == "__main__":
+    main()

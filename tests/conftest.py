@@ -1,0 +1,53 @@
+"""Shared test helpers: compose the real Hydra configs and read TensorBoard scalars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from rlvr_lightning.train import CONFIG_DIR
+
+# Small, fast settings for the tiny model: 2 prompts x 4 samples x 12 tokens, 2 updates per rollout.
+TINY_OVERRIDES = [
+    "model=tiny",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=12",
+    "rollout.mini_batches=2",
+    "data.num_train=200",
+    "data.num_val=8",
+    "data.val_batch_size=8",
+    "logging.sample_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def tiny_config():
+    def make(*extra: str) -> DictConfig:
+        return compose_config(TINY_OVERRIDES + list(extra))
+
+    return make
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All TensorBoard scalars of a run folder: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return out
