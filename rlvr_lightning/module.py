@@ -67,6 +67,7 @@ class RLVRModule(pl.LightningModule):
         reward: dict[str, Any],
         prompt: dict[str, Any] | None = None,
         logging: dict[str, Any] | None = None,
+        validation: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -77,6 +78,9 @@ class RLVRModule(pl.LightningModule):
         self.optim_cfg = dict(optim)
         self.prompt_cfg = {"instruction": DEFAULT_INSTRUCTION, "system_prompt": None, **(prompt or {})}
         self.logging_cfg = {"sample_every_n_steps": 5, "num_samples": 4, **(logging or {})}
+        # Held-out accuracy: mean correctness over n_samples completions per problem (avg@n),
+        # sampled at ``temperature`` (null: the rollout temperature; 0: greedy, one sample).
+        self.validation_cfg = {"n_samples": 4, "temperature": None, **(validation or {})}
 
         self.objective_name = objective["name"]
         self.objective_spec = get_objective(self.objective_name)
@@ -90,7 +94,12 @@ class RLVRModule(pl.LightningModule):
         )
         self.control = ControlState(**dict(objective.get("control") or {}))
 
+        model = dict(model)
+        gradient_checkpointing = bool(model.pop("gradient_checkpointing", False))
         self.policy, self.tokenizer = load_model_and_tokenizer(**model, seed=seed)
+        if gradient_checkpointing:
+            # Recompute activations in the backward pass: less memory, about a third more time.
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.train()
         self.ref_policy = None
         if self.objective_params.kl_coef > 0:
@@ -213,11 +222,17 @@ class RLVRModule(pl.LightningModule):
         metrics["perf/completion_tokens_per_second"] = completion_tokens / max(step_seconds, 1e-9)
         metrics["perf/peak_memory_gib"] = self._peak_memory_gib()
         metrics["optim/lr"] = self.lr_schedulers().get_last_lr()[0]
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=len(rollout))
+        self._log_at_step({k: float(v) for k, v in metrics.items()}, step)
         self.log("reward", metrics["reward/mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(rollout))
         self.log("entropy", metrics["entropy/rollout"], prog_bar=True, on_step=True, logger=False, batch_size=len(rollout))
         self._log_samples(rollout, step)
         self._advance_step_counter()
+
+    def _log_at_step(self, metrics: dict[str, float], step: int) -> None:
+        """Write scalars at x = ``step`` (rollouts completed before them): Lightning's own logging
+        step counts batches, which drifts from the rollout count across a resume."""
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics(metrics, step=step)
 
     @contextmanager
     def _timed(self, timings: dict[str, float], stage: str) -> Iterator[None]:
@@ -233,7 +248,9 @@ class RLVRModule(pl.LightningModule):
             for row in rows
         ]
 
-    def _generate(self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False) -> Rollout:
+    def _generate(
+        self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False, temperature: float | None = None
+    ) -> Rollout:
         cfg = self.rollout_cfg
         return generate_rollout(
             self.policy,
@@ -241,7 +258,7 @@ class RLVRModule(pl.LightningModule):
             self._prompts(rows),
             group_size=group_size,
             max_new_tokens=int(cfg["max_new_tokens"]),
-            temperature=float(cfg["temperature"]),
+            temperature=float(cfg["temperature"] if temperature is None else temperature),
             top_p=float(cfg.get("top_p", 1.0)),
             greedy=greedy,
             max_prompt_tokens=cfg.get("max_prompt_tokens"),
@@ -523,17 +540,29 @@ class RLVRModule(pl.LightningModule):
     # ------------------------------------------------------------------ validation
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        temperature = self.validation_cfg["temperature"]
+        temperature = float(self.rollout_cfg["temperature"] if temperature is None else temperature)
+        greedy = temperature == 0.0
+        samples = 1 if greedy else int(self.validation_cfg["n_samples"])
+        # The same seed at every validation, so accuracies at different steps see the same draws
+        # of sampling noise; the training RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
-            rollout = self._generate(batch, group_size=1, greedy=True)
-        scores = self._score(rollout, [row["answer"] for row in batch])
+            torch.manual_seed(self._step_seed(0, salt=10_000 + batch_idx))
+            rollout = self._generate(batch, group_size=samples, greedy=greedy, temperature=temperature)
+        scores = self._score(rollout, [row["answer"] for row in batch for _ in range(samples)])
         self.val_accuracy.update(scores["correct"].float())
         self.val_reward.update(scores["rewards"])
         self.val_length.update(rollout.response_lengths.float().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
-        self.log("val/reward", self.val_reward.compute())
-        self.log("val/response_length", self.val_length.compute())
+        # Validation after k rollouts is logged at step k (step 0: before any update).
+        metrics = {
+            "val/accuracy": float(self.val_accuracy.compute()),
+            "val/reward": float(self.val_reward.compute()),
+            "val/response_length": float(self.val_length.compute()),
+        }
+        self._log_at_step(metrics, self.global_step)
+        self.log("val/accuracy", metrics["val/accuracy"], prog_bar=True, logger=False)
         self.val_accuracy.reset()
         self.val_reward.reset()
         self.val_length.reset()

@@ -6,6 +6,7 @@ callbacks, the logger and the trainer, then fit. Everything else lives in the pa
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlvr_lightning.config import validate_config
 from rlvr_lightning.module import RLVRModule
+from rlvr_lightning.progress import RolloutProgressBar
+
+# Lightning warnings that do not apply to this loop: optimizer steps are taken inside the
+# training step on purpose (manual optimisation), and checkpoints hold the post-update state.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -45,20 +52,21 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.Li
         reward=container["reward"],
         prompt=container["prompt"],
         logging=container["logging"],
+        validation=container["validation"],
         seed=int(cfg.seed),
     )
+    every = int(cfg.checkpoint.every_n_steps)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
+        filename="step_{step}",
+        every_n_train_steps=every or None,
+        save_top_k=-1 if every else 0,  # 0: keep only last.ckpt (written when training stops)
         save_last=bool(cfg.checkpoint.save_last),
-        every_n_train_steps=int(cfg.checkpoint.every_n_steps) or None,
-        save_top_k=-1 if int(cfg.checkpoint.every_n_steps) else 0,
-        save_on_train_epoch_end=False,
+        save_on_train_epoch_end=True,
     )
-    if not int(cfg.checkpoint.every_n_steps):
-        # Only last.ckpt, written when training ends.
-        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                     every_n_train_steps=int(cfg.trainer.max_steps))
     callbacks = [instantiate(cfg.scheduler), checkpoint]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RolloutProgressBar())
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
     return trainer, module, datamodule

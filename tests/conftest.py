@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+# Tiny models gain nothing from intra-op threads, and OpenMP's spinning threads slow down badly
+# when the machine is busy (reward worker processes, a second test process): one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rlvr_lightning.train import CONFIG_DIR
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from rlvr_lightning.train import CONFIG_DIR  # noqa: E402
 
 # Small, fast settings for the tiny model: 2 prompts x 4 samples x 12 tokens, 2 updates per rollout.
 TINY_OVERRIDES = [

@@ -28,6 +28,8 @@ def test_cli_two_steps_writes_tensorboard_scalars(tmp_path: Path) -> None:
                 "perf/completion_tokens_per_second", "val/accuracy", "entropy/region_pa_hp_fraction"):
         assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
     assert [step for step, _ in scalars["reward/mean"]] == [0, 1]
+    # Validation before training (step 0) and after the second rollout (step 2).
+    assert [step for step, _ in scalars["val/accuracy"]] == [0, 2]
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "tensorboard" / "samples.jsonl").is_file()
