@@ -18,7 +18,8 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 from tqdm.auto import tqdm
 
 from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
@@ -104,11 +105,15 @@ def generate_and_score(
 
 
 def output_dir_of(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
+    """The Hydra run folder (``output_dir``, or the sweep's job folder in a multirun); outside a
+    Hydra app ``output_dir``, or ``outputs/eval/<time>`` where it needs Hydra to resolve."""
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path("outputs/eval") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        output_dir = cfg.get("output_dir")
+    except InterpolationResolutionError:  # ${hydra:...} in a config composed without Hydra's app
+        output_dir = None
+    return Path(output_dir or Path("outputs/eval") / time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
 # Metrics that count things, printed as integers.
@@ -138,6 +143,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     k_values = list(cfg.k_values) if cfg.get("k_values") else default_k_values(n_samples)
     output_dir = output_dir_of(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     rows = load_eval_rows(cfg.data)

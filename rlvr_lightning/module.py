@@ -262,6 +262,7 @@ class RLVRModule(pl.LightningModule):
             top_p=float(cfg.get("top_p", 1.0)),
             greedy=greedy,
             max_prompt_tokens=cfg.get("max_prompt_tokens"),
+            engine=cfg.get("engine", "shared_prefix"),
         )
 
     def _score(self, rollout: Rollout, answers: list[str]) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ the last logits of one forward pass (see ``logprobs.response_logprobs``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,81 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return ids
 
 
+def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """One token per row: argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    # transformers 5 names the KV cache argument ``cache``; 4.x calls it ``past_key_values``.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample_shared_prefix(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """Sample ``group_size`` completions per (left-padded) prompt; returns ``[P * G, T]`` ids.
+
+    Each prompt is encoded once and its KV cache repeated for the group (generation's prefill
+    costs ``P`` prompts, not ``P * G``), and rows that reached EOS leave the batch, so decoding
+    costs only the unfinished rows. Tokens after EOS are ``pad_token_id``.
+    """
+    cache_name = _cache_kwarg(model)
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+        use_cache=True, logits_to_keep=1,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)
+    mask = prompt_mask.repeat_interleave(group_size, 0)
+    next_position = mask.sum(-1)
+    rows = prompt_ids.shape[0] * group_size
+    result = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
+    active = torch.arange(rows, device=prompt_ids.device)  # result rows still being decoded
+    eos = torch.tensor(eos_token_ids, device=prompt_ids.device)
+    for t in range(max_new_tokens):
+        tokens = _sample_next(logits, temperature, top_p, greedy)
+        result[active, t] = tokens
+        alive = ~torch.isin(tokens, eos)
+        if t == max_new_tokens - 1 or not alive.any():
+            break
+        if not alive.all():
+            keep = alive.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, tokens, mask, next_position = active[keep], tokens[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=next_position.unsqueeze(-1),
+            use_cache=True, **{cache_name: cache},
+        )
+        cache = getattr(out, "cache", None) or out.past_key_values
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+    return result
+
+
 @torch.no_grad()
 def generate_rollout(
     model: PreTrainedModel,
@@ -82,15 +158,20 @@ def generate_rollout(
     top_p: float = 1.0,
     greedy: bool = False,
     max_prompt_tokens: int | None = None,
+    engine: str = "shared_prefix",
 ) -> Rollout:
     """Generate ``group_size`` completions for every prompt (rows grouped by prompt).
 
-    Sampling uses the global torch RNG; the caller seeds it per step for reproducibility.
+    ``engine``: ``shared_prefix`` (``sample_shared_prefix``: one prefill per prompt, finished
+    rows leave the batch) or ``hf`` (``model.generate`` on every row). Sampling uses the global
+    torch RNG; the caller seeds it per step for reproducibility.
     """
+    if engine not in ("shared_prefix", "hf"):
+        raise ValueError(f"rollout.engine={engine!r} is unknown; use 'shared_prefix' or 'hf'")
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(group_size)]
     encoded = tokenizer(
-        repeated,
+        prompts if engine == "shared_prefix" else repeated,
         return_tensors="pt",
         padding=True,
         add_special_tokens=False,
@@ -100,27 +181,38 @@ def generate_rollout(
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tokenizer)
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    output = model.generate(
-        **encoded,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
+    prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
+    if engine == "shared_prefix":
+        response_ids = sample_shared_prefix(
+            model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos,
+            tokenizer.pad_token_id, temperature, top_p, greedy,
+        )
+        prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
+        prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
+    else:
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        output = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+        response_ids = output[:, prompt_ids.shape[1]:]
     model.train(was_training)
-    prompt_length = encoded["input_ids"].shape[1]
-    response_ids = output[:, prompt_length:]
     if response_ids.shape[1] == 0:  # nothing generated at all: keep one padded column
         response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, device=device)
     response_mask, truncated = response_mask_from_ids(response_ids, eos)
     # Positions after EOS carry the pad token so decoding and the forward pass ignore them.
     response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
+    # Trim columns after the longest response (rows finished early in every group).
+    width = max(int(response_mask.sum(-1).max()), 1)
+    response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
     lengths = response_mask.sum(-1).long()
     completions = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(
-        input_ids=torch.cat([encoded["input_ids"], response_ids], dim=1),
-        attention_mask=torch.cat([encoded["attention_mask"], response_mask.long()], dim=1),
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
         response_mask=response_mask,
         response_lengths=lengths,
         truncated=truncated,

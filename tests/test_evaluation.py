@@ -197,3 +197,4 @@ def test_cli_runs_and_writes_results(tmp_path: Path) -> None:
     assert f"evaluation written to {(tmp_path / 'eval').resolve()}" in result.stdout
     assert len(read_generations(tmp_path / "eval" / "generations.jsonl")) == 3
     assert "avg@1" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (tmp_path / "eval" / ".hydra" / "config.yaml").is_file()  # output_dir is Hydra's run dir

@@ -1,0 +1,93 @@
+"""Rollout generation, log-probs and advantages on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
+from rlvr_lightning.logprobs import logprobs_and_entropy_from_logits, response_logprobs
+from rlvr_lightning.models import build_tiny_model
+from rlvr_lightning.rollout import _sample_next, generate_rollout, response_mask_from_ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = build_tiny_model(seed=0)
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+PROMPTS = ["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n", "Hi"]
+
+
+def test_shared_prefix_engine_matches_generate_when_greedy(tiny) -> None:
+    model, tokenizer = tiny
+    ours = generate_rollout(model, tokenizer, PROMPTS, 3, 10, greedy=True, engine="shared_prefix")
+    reference = generate_rollout(model, tokenizer, PROMPTS, 3, 10, greedy=True, engine="hf")
+    assert ours.completions == reference.completions
+    assert torch.equal(ours.response_mask, reference.response_mask)
+    assert torch.equal(ours.input_ids, reference.input_ids)
+
+
+def test_rollout_layout_groups_and_masks(tiny) -> None:
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, PROMPTS, 4, 8, temperature=1.0)
+    assert len(rollout) == 8 and rollout.prompts[:4] == [PROMPTS[0]] * 4
+    assert rollout.input_ids.shape[1] == rollout.attention_mask.shape[1]
+    assert torch.equal(rollout.response_lengths, rollout.response_mask.sum(-1).long())
+    # Log-probs of the sampled tokens from one forward pass are finite and <= 0.
+    logp, entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.response_length)
+    valid = rollout.response_mask.bool()
+    assert torch.isfinite(logp[valid]).all() and (logp[valid] <= 0).all()
+    assert (entropy[valid] >= 0).all() and (entropy[valid] <= torch.log(torch.tensor(float(len(tokenizer))))).all()
+
+
+def test_response_mask_includes_first_eos_only() -> None:
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5]])
+    mask, truncated = response_mask_from_ids(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, True]
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    torch.manual_seed(0)
+    draws = _sample_next(logits, temperature=1.0, top_p=0.7, greedy=False)
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 never drawn
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert _sample_next(logits[:1], 1.0, 1.0, greedy=True).item() == 0
+
+
+def test_chunked_logprobs_and_entropy_match_direct_formula() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 11, dtype=torch.float64)
+    targets = torch.randint(11, (5, 7))
+    logp, entropy = logprobs_and_entropy_from_logits(logits, targets, temperature=0.7, chunk_rows=2)
+    log_probs = torch.log_softmax(logits.float() / 0.7, -1)
+    assert torch.allclose(logp, log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    assert torch.allclose(entropy, -(log_probs.exp() * log_probs).sum(-1), atol=1e-5)
+
+
+def test_group_advantages() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, 4, "grpo")
+    first = rewards[:4]
+    expected = (first - first.mean()) / (first.std(unbiased=True) + 1e-6)
+    assert torch.allclose(adv[:4], expected)
+    assert torch.equal(adv[4:], torch.zeros(4))  # constant group: no signal
+    assert torch.allclose(group_advantages(rewards, 4, "dr_grpo")[:4], first - 0.25)
+    assert constant_groups(rewards, 4).tolist() == [False, True]
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(rewards, 1, "grpo")
+    with pytest.raises(ValueError, match="unknown advantage"):
+        group_advantages(rewards, 4, "nope")
+
+
+def test_overlong_penalty_matches_dapo() -> None:
+    # L_max 20, buffer 4: 0 up to 16, then (16 - len) / 4, -1 beyond 20.
+    lengths = torch.tensor([10, 16, 17, 18, 20, 21])
+    assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert overlong_penalty(lengths, 20, 0).tolist() == [0.0] * 6
