@@ -48,11 +48,10 @@ def validate_config(cfg: DictConfig) -> None:
     _require(0 < rollout.top_p <= 1, f"rollout.top_p={rollout.top_p} must be in (0, 1]")
     if objective.advantage == "grpo":
         _require(rollout.group_size >= 2, "rollout.group_size=1 with the group-normalised grpo advantage: use group_size >= 2 (or objective.advantage=dr_grpo)")
-    sequences = rollout.prompts_per_step * rollout.group_size
     _require(
-        sequences % rollout.mini_batches == 0,
-        f"rollout.mini_batches={rollout.mini_batches} does not divide the {sequences} sequences per step "
-        f"(prompts_per_step x group_size); choose a divisor of {sequences}",
+        rollout.prompts_per_step % rollout.mini_batches == 0,
+        f"rollout.mini_batches={rollout.mini_batches} does not divide rollout.prompts_per_step="
+        f"{rollout.prompts_per_step}: mini-batches hold whole groups; choose a divisor of {rollout.prompts_per_step}",
     )
     _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
     _require(int(cfg.trainer.max_steps) >= 1, f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")

@@ -8,6 +8,8 @@ longer than one chunk.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -73,4 +75,50 @@ def response_logprobs(
     targets = input_ids[:, -response_length:]
     return logprobs_and_entropy_from_logits(
         logits, targets, temperature, with_entropy, chunk_rows, entropy_grad
+    )
+
+
+def shared_prefix_response_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    group_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_rows: int = 4,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like ``response_logprobs`` for rows that share prompts, encoding each prompt once.
+
+    ``prompt_ids``/``prompt_mask`` are ``[U, P]`` (left-padded, one row per distinct prompt);
+    ``response_ids``/``response_mask`` are ``[U * G, T]`` with the ``G`` responses of prompt ``u``
+    in rows ``u*G .. u*G+G-1``. The prompt's key/value cache is computed once and repeated for its
+    group, and gradients flow through it to the prompt's computation, so the result and its
+    gradient equal those of the full forward pass while the prompt costs ``U`` rows, not ``U*G``.
+    """
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    prompt_out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+        use_cache=True, logits_to_keep=1,
+    )
+    cache = getattr(prompt_out, "cache", None) or prompt_out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    first_logits = prompt_out.logits[:, -1:].repeat_interleave(group_size, 0)
+    length = response_ids.shape[1]
+    if length > 1:
+        mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask[:, :-1].long()], dim=1)
+        start = prompt_mask.long().sum(-1).repeat_interleave(group_size, 0)
+        response_positions = start.unsqueeze(-1) + torch.arange(length - 1, device=start.device)
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(
+            input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=response_positions,
+            use_cache=True, **{cache_name: cache},
+        )
+        logits = torch.cat([first_logits, out.logits], dim=1)
+    else:
+        logits = first_logits
+    return logprobs_and_entropy_from_logits(
+        logits, response_ids, temperature, with_entropy, chunk_rows, entropy_grad
     )

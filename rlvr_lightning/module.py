@@ -32,7 +32,7 @@ import torchmetrics
 from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
 from rlvr_lightning.control import ControlState
 from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
-from rlvr_lightning.logprobs import response_logprobs
+from rlvr_lightning.logprobs import response_logprobs, shared_prefix_response_logprobs
 from rlvr_lightning.metrics import entropy_by_region
 from rlvr_lightning.models import load_model_and_tokenizer
 from rlvr_lightning.objectives import (
@@ -359,35 +359,70 @@ class RLVRModule(pl.LightningModule):
         }
         return merged, metrics
 
-    def _micro_batches(self, rows: torch.Tensor, rollout: Rollout) -> list[torch.Tensor]:
-        """Split ``rows`` into micro-batches under the token budget, sorted by length."""
-        budget = int(self.rollout_cfg.get("max_tokens_per_micro_batch", 4096))
-        total_lengths = rollout.attention_mask[rows].sum(-1)
-        order = rows[torch.argsort(total_lengths.cpu(), descending=True)]
-        micro, current, longest = [], [], 0
-        for row in order.tolist():
-            length = int(rollout.attention_mask[row].sum())
-            new_longest = max(longest, length)
-            if current and new_longest * (len(current) + 1) > budget:
-                micro.append(torch.tensor(current))
-                current, new_longest = [], length
-            current.append(row)
-            longest = new_longest
-        if current:
-            micro.append(torch.tensor(current))
-        return micro
+    def _micro_batches(self, groups: torch.Tensor, rollout: Rollout) -> list[torch.Tensor]:
+        """Rows of ``groups`` in micro-batches of whole groups under the token budget.
 
-    def _trimmed(self, rollout: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
-        """Inputs of ``rows`` with shared left (prompt) and right (response) padding removed."""
-        ids = rollout.input_ids[rows]
-        attention = rollout.attention_mask[rows]
-        response_length = rollout.response_length
-        prompt_length = ids.shape[1] - response_length
+        A group costs its prompt once plus ``G`` padded responses when prompts are shared
+        (``rollout.share_prompt_forward``), else ``G`` padded rows; groups are taken longest first.
+        """
+        budget = int(self.rollout_cfg.get("max_tokens_per_micro_batch", 2048))
+        shared = bool(self.rollout_cfg.get("share_prompt_forward", True))
+        size = rollout.group_size
+        prompt_lengths = (rollout.attention_mask.sum(-1) - rollout.response_lengths).view(-1, size)[:, 0].cpu()
+        response_lengths = rollout.response_lengths.view(-1, size).max(-1).values.cpu()
+        groups = groups.cpu()
+        order = groups[torch.argsort((prompt_lengths + response_lengths)[groups], descending=True)]
+        micro, current = [], []
+        longest_prompt = longest_response = 0
+        for group in order.tolist():
+            prompt = max(longest_prompt, int(prompt_lengths[group]))
+            response = max(longest_response, int(response_lengths[group]))
+            count = len(current) + 1
+            cost = count * prompt + count * size * response if shared else count * size * (prompt + response)
+            if current and cost > budget:
+                micro.append(current)
+                current, prompt, response = [], int(prompt_lengths[group]), int(response_lengths[group])
+            current.append(group)
+            longest_prompt, longest_response = prompt, response
+        if current:
+            micro.append(current)
+        return [
+            (torch.tensor(chunk).unsqueeze(-1) * size + torch.arange(size)).view(-1) for chunk in micro
+        ]
+
+    def _forward_logprobs(
+        self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor, with_entropy: bool, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, slice]:
+        """Log-probs (and entropies) of the responses of ``rows`` (whole groups, in order), with
+        padding shared by all rows trimmed; returns them with the response columns they cover."""
+        device = rollout.input_ids.device
+        rows = rows.to(device)
+        ids, attention = rollout.input_ids[rows], rollout.attention_mask[rows]
+        prompt_length = ids.shape[1] - rollout.response_length
         prompt_used = attention[:, :prompt_length].any(0).nonzero()
         left = int(prompt_used[0]) if prompt_used.numel() else prompt_length
-        response_used = int(rollout.response_mask[rows].sum(-1).max().clamp_min(1))
-        right = prompt_length + response_used
-        return ids[:, left:right], attention[:, left:right], slice(0, response_used)
+        used = slice(0, int(rollout.response_lengths[rows].max().clamp_min(1)))
+        temperature = float(self.rollout_cfg["temperature"])
+        if self.rollout_cfg.get("share_prompt_forward", True):
+            size = rollout.group_size
+            logp, entropy = shared_prefix_response_logprobs(
+                model,
+                ids[::size, left:prompt_length],
+                attention[::size, left:prompt_length],
+                ids[:, prompt_length + used.start : prompt_length + used.stop],
+                rollout.response_mask[rows, used],
+                size,
+                temperature,
+                with_entropy=with_entropy,
+                entropy_grad=entropy_grad,
+            )
+        else:
+            right = prompt_length + used.stop
+            logp, entropy = response_logprobs(
+                model, ids[:, left:right], attention[:, left:right], used.stop, temperature,
+                with_entropy=with_entropy, entropy_grad=entropy_grad,
+            )
+        return logp, entropy, used
 
     @torch.no_grad()
     def _old_logprobs(self, rollout: Rollout) -> None:
@@ -404,14 +439,10 @@ class RLVRModule(pl.LightningModule):
         n, length = len(rollout), rollout.response_length
         logp_all = torch.zeros(n, length, device=rollout.input_ids.device)
         entropy_all = torch.zeros(n, length, device=rollout.input_ids.device)
-        temperature = float(self.rollout_cfg["temperature"])
         was_training = model.training
         model.eval()
-        for rows in self._micro_batches(torch.arange(n), rollout):
-            ids, attention, used = self._trimmed(rollout, rows)
-            logp, entropy = response_logprobs(
-                model, ids, attention, used.stop, temperature, with_entropy=with_entropy
-            )
+        for rows in self._micro_batches(torch.arange(n // rollout.group_size), rollout):
+            logp, entropy, used = self._forward_logprobs(model, rollout, rows, with_entropy)
             logp_all[rows.to(logp_all.device), used] = logp
             if entropy is not None:
                 entropy_all[rows.to(logp_all.device), used] = entropy
@@ -432,23 +463,23 @@ class RLVRModule(pl.LightningModule):
         cfg = self.rollout_cfg
         optimizer = self.optimizers(use_pl_optimizer=False)
         scheduler = self.lr_schedulers()
-        n = len(rollout)
-        mini_batches = int(cfg["mini_batches"])
-        if n < mini_batches:
-            raise ValueError(f"{n} sequences cannot form rollout.mini_batches={mini_batches} mini-batches")
+        num_groups = len(rollout) // rollout.group_size
+        # Dynamic sampling can leave fewer groups than mini-batches: then one group per update.
+        mini_batches = min(int(cfg["mini_batches"]), num_groups)
         generator = torch.Generator().manual_seed(self._step_seed(step, salt=1))
         device = rollout.input_ids.device
         advantages = rollout.data["advantages"].to(device)
         loss_mask = rollout.data["loss_mask"].to(device)
         correct = rollout.data["correct"].to(device)
-        temperature = float(cfg["temperature"])
         need_entropy_grad = self.objective_params.entropy_coef > 0
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         losses, grad_norms, skipped = [], [], 0
         for _epoch in range(int(cfg["epochs"])):
-            order = torch.randperm(n, generator=generator)
-            for mini in order.tensor_split(mini_batches):
+            # Mini-batches of whole groups, so each group's prompt is encoded once per pass.
+            group_order = torch.randperm(num_groups, generator=generator)
+            for mini_groups in group_order.tensor_split(mini_batches):
+                mini = (mini_groups.unsqueeze(-1) * rollout.group_size + torch.arange(rollout.group_size)).view(-1)
                 mini_mask = loss_mask[mini]
                 counts = torch.tensor(
                     [mini_mask.sum(), float(len(mini)), (mini_mask * correct[mini].unsqueeze(-1)).sum()],
@@ -464,11 +495,9 @@ class RLVRModule(pl.LightningModule):
                 )
                 optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
-                for micro in self._micro_batches(mini, rollout):
-                    ids, attention, used = self._trimmed(rollout, micro)
-                    logp, entropy = response_logprobs(
-                        self.policy, ids, attention, used.stop, temperature,
-                        with_entropy=True, entropy_grad=need_entropy_grad,
+                for micro in self._micro_batches(mini_groups, rollout):
+                    logp, entropy, used = self._forward_logprobs(
+                        self.policy, rollout, micro, with_entropy=True, entropy_grad=need_entropy_grad
                     )
                     micro_dev = micro.to(device)
                     batch = PolicyBatch(

@@ -45,11 +45,17 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dapo": ((), objective_tags(*PPO_CLIP, *IN_FORCE) + DYNAMIC_SAMPLING),
     "dr_grpo": ((), objective_tags(*PPO_CLIP, *IN_FORCE)),
     "gppo": ((), objective_tags(*PPO_CLIP, *GPPO, *IN_FORCE)),
-    "ce_gppo": ((), objective_tags(*PPO_CLIP, *GPPO, *IN_FORCE, "beta1_in_force", "beta2_in_force")),
+    "ce_gppo": (
+        (),
+        objective_tags(*PPO_CLIP, *GPPO, *IN_FORCE, "beta1_in_force", "beta2_in_force"),
+    ),
     "cispo": (
         (),
         objective_tags(
-            *RATIO, *IN_FORCE, "cispo_weight_clipped_low_fraction", "cispo_weight_clipped_high_fraction"
+            *RATIO,
+            *IN_FORCE,
+            "cispo_weight_clipped_low_fraction",
+            "cispo_weight_clipped_high_fraction",
         ),
     ),
     "gspo": (
@@ -67,7 +73,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         objective_tags(*PPO_CLIP, "cov_selected_fraction", "cov_candidate_fraction", "cov_mean")
         + DYNAMIC_SAMPLING,
     ),
-    "kl_cov": ((), objective_tags(*RATIO, "cov_selected_fraction", "cov_mean", "kl_cov_penalty_mean")),
+    "kl_cov": (
+        (),
+        objective_tags(*RATIO, "cov_selected_fraction", "cov_mean", "kl_cov_penalty_mean"),
+    ),
     "erc_dapo": ((), objective_tags(*PPO_CLIP, *ERC, *IN_FORCE) + DYNAMIC_SAMPLING),
     "erc_gppo": ((), objective_tags(*PPO_CLIP, *GPPO, *ERC, *IN_FORCE)),
 }

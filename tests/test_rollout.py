@@ -91,3 +91,28 @@ def test_overlong_penalty_matches_dapo() -> None:
     lengths = torch.tensor([10, 16, 17, 18, 20, 21])
     assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
     assert overlong_penalty(lengths, 20, 0).tolist() == [0.0] * 6
+
+
+def test_shared_prefix_logprobs_and_gradient_equal_full_forward() -> None:
+    from rlvr_lightning.logprobs import shared_prefix_response_logprobs
+
+    model, tokenizer = build_tiny_model(seed=1)
+    tokenizer.padding_side = "left"
+    model = model.double()
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, [PROMPTS[0], "Hi there", "x"], 3, 9, temperature=1.5)
+    width = rollout.response_length
+    prompt = rollout.input_ids.shape[1] - width
+    params = list(model.parameters())
+    full, full_entropy = response_logprobs(model, rollout.input_ids, rollout.attention_mask, width, 1.3)
+    full_grad = torch.autograd.grad((full * rollout.response_mask).sum(), params)
+    shared, shared_entropy = shared_prefix_response_logprobs(
+        model, rollout.input_ids[::3, :prompt], rollout.attention_mask[::3, :prompt],
+        rollout.input_ids[:, prompt:], rollout.response_mask, 3, 1.3,
+    )
+    shared_grad = torch.autograd.grad((shared * rollout.response_mask).sum(), params)
+    valid = rollout.response_mask.bool()
+    assert torch.allclose(full[valid], shared[valid], atol=1e-9)
+    assert torch.allclose(full_entropy[valid], shared_entropy[valid], atol=1e-9)
+    for a, b in zip(full_grad, shared_grad, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

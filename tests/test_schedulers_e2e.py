@@ -260,16 +260,22 @@ def test_schedule_sets_the_bounds_the_objective_uses(tmp_path: Path) -> None:
         ("oscillatory", ["scheduler.total_steps=3"]),
     ],
 )
-def test_schedule_state_survives_resume(scheduler: str, overrides: list[str], tmp_path: Path) -> None:
+def test_schedule_state_survives_resume(
+    scheduler: str, overrides: list[str], tmp_path: Path
+) -> None:
     # total_steps is pinned to 3 so that the 2-step first leg follows the same curve as the
     # 3-step runs (otherwise T = trainer.max_steps = 2 there).
     common = [f"scheduler={scheduler}", *overrides]
     full = train(tmp_path, "full", *common)
-    run(compose_config(TINY_OVERRIDES + FAST + common + ["trainer.max_steps=2"]),
-        run_dir=tmp_path / "first")
+    run(
+        compose_config(TINY_OVERRIDES + FAST + common + ["trainer.max_steps=2"]),
+        run_dir=tmp_path / "first",
+    )
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    run(compose_config(TINY_OVERRIDES + FAST + common + [f"ckpt_path={ckpt}"]),
-        run_dir=tmp_path / "resumed")
+    run(
+        compose_config(TINY_OVERRIDES + FAST + common + [f"ckpt_path={ckpt}"]),
+        run_dir=tmp_path / "resumed",
+    )
     resumed = read_scalars(tmp_path / "resumed")
     assert [step for step, _ in resumed["reward/mean"]] == [2]
 

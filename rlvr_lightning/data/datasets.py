@@ -188,6 +188,8 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a JSON {type(records).__name__}, not an array of rows")
     yield from enumerate(records, start=1)
 
 
@@ -243,7 +245,8 @@ def load_rows(
 ) -> list[dict[str, Any]]:
     """The usable rows of a source, in source order: ``{"question", "answer", "index"}``.
 
-    ``index`` is the record's position in the source (0-based), so a row can be looked up.
+    ``index`` is the record's 0-based position in the source (the line number minus one for
+    JSON Lines), so a row can be looked up.
     ``limit`` keeps the first ``limit`` usable rows (None: all). Skipped rows are reported in
     one warning. Raises ValueError when no row is usable, FileNotFoundError for a missing file
     and ImportError when reading the source needs a package that is not installed.

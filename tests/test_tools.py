@@ -1,0 +1,132 @@
+"""tools/compare_schedules.py and tools/plot_run.py on the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_OVERRIDES
+from tools import compare_schedules, plot_run
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SCHEDULES = ("constant", "linear")
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.is_file(), f"{path} was not written"
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert height > 100 and width > 100
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory) -> Path:
+    """Two schedules, 2 rollouts each, through the tool's command-line entry point."""
+    out_dir = tmp_path_factory.mktemp("compare") / "out"
+    extra = [o for o in TINY_OVERRIDES if not o.startswith(("model=", "trainer.max_steps="))]
+    extra += ["validate_before_training=false", "trainer.val_check_interval=2"]
+    returned = compare_schedules.main(
+        [
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--schedules",
+            *SCHEDULES,
+            "--trainer",
+            "cpu",
+            "--out-dir",
+            str(out_dir),
+            "--extra",
+            *extra,
+        ]
+    )
+    assert returned == out_dir
+    return out_dir
+
+
+def test_compare_schedules_writes_runs_plot_and_summary(comparison: Path) -> None:
+    for name in SCHEDULES:
+        assert (comparison / name / "checkpoints" / "last.ckpt").is_file()
+    assert_png(comparison / "schedules.png")
+    summary = (comparison / "summary.md").read_text()
+    assert "model=tiny objective=grpo scheduler=<schedule>" in summary
+    assert "rollout.epochs=2" in summary
+    rows = [line for line in summary.splitlines() if line.startswith(("| constant", "| linear"))]
+    assert len(rows) == 2, summary
+    constant = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    linear = [cell.strip() for cell in rows[1].strip("|").split("|")]
+    assert constant[:2] == ["constant", "2"]
+    # mean eps_high in force: 0.2 for constant; linear goes 0.28 -> 0.24 over the 2 steps.
+    assert float(constant[5]) == pytest.approx(0.2, abs=1e-4)
+    assert float(linear[5]) == pytest.approx(0.26, abs=1e-4)
+    assert float(constant[6]) >= 0.0  # validation ran once, at the end
+
+
+def test_plot_run_cli_with_tags_and_labels(comparison: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plot.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/plot_run.py",
+            *(str(comparison / n) for n in SCHEDULES),
+            "--tags",
+            "entropy/rollout",
+            "control/eps_high",
+            "objective/eps_high_in_force",
+            "--labels",
+            "A",
+            "B",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_png(out)
+
+
+def test_read_scalars_later_events_file_wins(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    for value in (1.0, 2.0):  # a run resumed into the same folder writes a second file
+        writer = SummaryWriter(str(tmp_path / "tensorboard"), filename_suffix=f".{value:.0f}")
+        writer.add_scalar("reward/mean", value, global_step=1)
+        writer.add_scalar("reward/mean", value, global_step=int(value) + 1)
+        writer.close()
+    assert plot_run.read_scalars(tmp_path)["reward/mean"] == [(1, 2.0), (2, 1.0), (3, 2.0)]
+
+
+def test_plot_run_errors_are_clear(comparison: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no TensorBoard events file"):
+        plot_run.plot_runs([tmp_path / "empty"], out=tmp_path / "x.png")
+    with pytest.raises(ValueError, match="several runs"):
+        plot_run.plot_runs([comparison], out=tmp_path / "x.png")
+    with pytest.raises(ValueError, match="labels"):
+        plot_run.plot_runs([comparison / "constant"], labels=["a", "b"], out=tmp_path / "x.png")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_run.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_compare_schedules_runs_as_a_script() -> None:
+    result = subprocess.run(
+        [sys.executable, "tools/compare_schedules.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--schedules" in result.stdout and "--extra" in result.stdout
