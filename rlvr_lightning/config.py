@@ -29,7 +29,10 @@ def validate_config(cfg: DictConfig) -> None:
     control = objective.control
     for field in ("eps_low", "eps_high"):
         _require(control[field] >= 0, f"objective.control.{field}={control[field]} must be >= 0")
-    _require(control.eps_low < 1, f"objective.control.eps_low={control.eps_low} must be < 1 (clip bound 1 - eps_low > 0)")
+    _require(
+        control.eps_low <= 1,
+        f"objective.control.eps_low={control.eps_low} must be <= 1 (lower clip bound 1 - eps_low >= 0; 1 means no lower bound)",
+    )
     for field in ("beta1", "beta2"):
         _require(control[field] >= 0, f"objective.control.{field}={control[field]} must be >= 0")
     if control.get("dual_clip") is not None:
