@@ -68,6 +68,7 @@ def generate_and_score(
     top_p: float = 1.0,
     greedy: bool = False,
     max_prompt_tokens: int | None = None,
+    engine: str = "shared_prefix",
     instruction: str = DEFAULT_INSTRUCTION,
     system_prompt: str | None = None,
     first_problem_index: int = 0,
@@ -81,6 +82,7 @@ def generate_and_score(
     rollout = generate_rollout(
         model, tokenizer, prompts, group_size=n_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, greedy=greedy, max_prompt_tokens=max_prompt_tokens,
+        engine=engine,
     )
     answers = [str(row["answer"]) for row in rows for _ in range(n_samples)]
     result = reward_fn(rollout.completions, answers)
@@ -133,6 +135,9 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate as configured (see ``conf/evaluate.yaml``); returns the metrics it writes."""
     start = time.perf_counter()
+    if cfg.get("num_threads"):
+        # OpenMP threads spin-wait on each other; on a busy CPU fewer threads run much faster.
+        torch.set_num_threads(int(cfg.num_threads))
     n_samples = int(cfg.n_samples)
     greedy, temperature = sampling_settings(n_samples, cfg.temperature)
     batch_size = int(cfg.batch_size)
@@ -150,6 +155,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     rows = load_eval_rows(cfg.data)
     model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    model_cfg.pop("gradient_checkpointing", None)  # a training option; nothing to recompute here
     model, tokenizer = load_model_and_tokenizer(**model_cfg, seed=int(cfg.seed))
     model.eval()
     prompt_cfg = {"instruction": DEFAULT_INSTRUCTION, "system_prompt": None,
@@ -169,7 +175,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 model, tokenizer, rows[first:first + batch_size], reward_fn, n_samples,
                 max_new_tokens=int(cfg.max_new_tokens), temperature=temperature,
                 top_p=float(cfg.top_p), greedy=greedy, max_prompt_tokens=cfg.max_prompt_tokens,
-                first_problem_index=first, **prompt_cfg,
+                engine=str(cfg.get("engine", "shared_prefix")), first_problem_index=first,
+                **prompt_cfg,
             )
             for record in batch_records:
                 generations.write(json.dumps(record, ensure_ascii=False) + "\n")

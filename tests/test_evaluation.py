@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from rlvr_lightning import rewards
@@ -122,16 +121,6 @@ def test_sampling_settings() -> None:
 
 
 # --- the entry point on the tiny model -----------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small to split: on a busy machine, intra-op threads
-    spin-waiting on each other make a generate call ~100x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 PROBLEMS = [
     {"question": "What is 2 + 2?", "answer": "#### 4"},

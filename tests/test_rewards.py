@@ -25,10 +25,10 @@ from rlvr_lightning.rewards import (
 
 
 def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the checkout, or ``$RLVR_SHARED_DATA``."""
+    """``../shared/data`` beside the checkout, or ``$RLVR_DATA_DIR``."""
     candidates = [Path(__file__).resolve().parents[2] / "shared" / "data"]
-    if os.environ.get("RLVR_SHARED_DATA"):
-        candidates.append(Path(os.environ["RLVR_SHARED_DATA"]))
+    if os.environ.get("RLVR_DATA_DIR"):
+        candidates.append(Path(os.environ["RLVR_DATA_DIR"]))
     return next((path for path in candidates if path.is_dir()), None)
 
 
@@ -103,7 +103,7 @@ def test_every_gsm8k_answer_parses(split):
     data_dir = shared_data_dir()
     path = None if data_dir is None else data_dir / "gsm8k" / f"{split}.jsonl"
     if path is None or not path.is_file():
-        pytest.skip(f"GSM8K {split}.jsonl not found beside the checkout nor in $RLVR_SHARED_DATA")
+        pytest.skip(f"GSM8K {split}.jsonl not found beside the checkout nor in $RLVR_DATA_DIR")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert rows
     for row in rows:
