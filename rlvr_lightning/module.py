@@ -32,6 +32,7 @@ import torchmetrics
 from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
 from rlvr_lightning.control import ControlState
 from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
+from rlvr_lightning.evaluation import default_k_values, majority_vote, pass_at_k
 from rlvr_lightning.logprobs import response_logprobs, shared_prefix_response_logprobs
 from rlvr_lightning.metrics import entropy_by_region
 from rlvr_lightning.models import load_model_and_tokenizer
@@ -105,9 +106,13 @@ class RLVRModule(pl.LightningModule):
         if self.objective_params.kl_coef > 0:
             self.ref_policy = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.reward_fn = RewardFunction(**reward)
-        self.val_accuracy = torchmetrics.MeanMetric()
-        self.val_reward = torchmetrics.MeanMetric()
-        self.val_length = torchmetrics.MeanMetric()
+        # Held-out metrics as per-problem means (synchronised across ranks by torchmetrics):
+        # accuracy (avg@n), pass@k (unbiased) and maj@k for k in 1, 2, 4, ..., n.
+        samples = self._validation_samples()
+        self.val_k_values = default_k_values(samples)
+        self.val_metrics = torch.nn.ModuleDict(
+            {name: torchmetrics.MeanMetric() for name in self._validation_metric_names()}
+        )
         self.nonfinite_updates = 0
 
         epochs, mini_batches = int(rollout["epochs"]), int(rollout["mini_batches"])
@@ -569,33 +574,50 @@ class RLVRModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
 
-    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+    def _validation_temperature(self) -> float:
         temperature = self.validation_cfg["temperature"]
-        temperature = float(self.rollout_cfg["temperature"] if temperature is None else temperature)
+        return float(self.rollout_cfg["temperature"] if temperature is None else temperature)
+
+    def _validation_samples(self) -> int:
+        return 1 if self._validation_temperature() == 0.0 else int(self.validation_cfg["n_samples"])
+
+    def _validation_metric_names(self) -> list[str]:
+        names = ["accuracy", "reward", "response_length"]
+        names += [f"pass_at_{k}" for k in self.val_k_values if k > 1]
+        names += [f"maj_at_{k}" for k in self.val_k_values if k > 1]
+        return names
+
+    def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        temperature = self._validation_temperature()
         greedy = temperature == 0.0
-        samples = 1 if greedy else int(self.validation_cfg["n_samples"])
+        samples = self._validation_samples()
         # The same seed at every validation, so accuracies at different steps see the same draws
         # of sampling noise; the training RNG stream is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._step_seed(0, salt=10_000 + batch_idx))
             rollout = self._generate(batch, group_size=samples, greedy=greedy, temperature=temperature)
-        scores = self._score(rollout, [row["answer"] for row in batch for _ in range(samples)])
-        self.val_accuracy.update(scores["correct"].float())
-        self.val_reward.update(scores["rewards"])
-        self.val_length.update(rollout.response_lengths.float().cpu())
+        answers = [row["answer"] for row in batch for _ in range(samples)]
+        result = self.reward_fn(rollout.completions, answers)
+        meters = self.val_metrics
+        meters["accuracy"].update(torch.tensor(result.correct, dtype=torch.float32))
+        meters["reward"].update(torch.tensor(result.rewards, dtype=torch.float32))
+        meters["response_length"].update(rollout.response_lengths.float().cpu())
+        for problem in range(len(batch)):
+            flags = result.correct[problem * samples : (problem + 1) * samples]
+            extracted = result.extracted[problem * samples : (problem + 1) * samples]
+            for k in self.val_k_values:
+                if k > 1:
+                    meters[f"pass_at_{k}"].update(pass_at_k(samples, sum(flags), k))
+                    meters[f"maj_at_{k}"].update(float(majority_vote(extracted[:k], flags[:k])[1]))
 
     def on_validation_epoch_end(self) -> None:
         # Validation after k rollouts is logged at step k (step 0: before any update).
-        metrics = {
-            "val/accuracy": float(self.val_accuracy.compute()),
-            "val/reward": float(self.val_reward.compute()),
-            "val/response_length": float(self.val_length.compute()),
-        }
+        metrics = {}
+        for name, meter in self.val_metrics.items():
+            metrics["val/" + name.replace("_at_", "@")] = float(meter.compute())
+            meter.reset()
         self._log_at_step(metrics, self.global_step)
         self.log("val/accuracy", metrics["val/accuracy"], prog_bar=True, logger=False)
-        self.val_accuracy.reset()
-        self.val_reward.reset()
-        self.val_length.reset()
 
 
 def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:

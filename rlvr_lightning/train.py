@@ -44,6 +44,7 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.Li
     objective = container["objective"]
     generation_batches = int(objective["max_num_gen_batches"]) if objective.get("dynamic_sampling") else 1
     datamodule = instantiate(cfg.data, generation_batches_per_step=generation_batches)
+    datamodule.setup("fit")
     module = RLVRModule(
         model=container["model"],
         objective=objective,
@@ -68,7 +69,9 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.Li
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RolloutProgressBar())
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    # Evaluation-only sets (val_size 0) have no held-out rows: training runs without validation.
+    no_validation = {} if datamodule.val_rows else {"limit_val_batches": 0}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir), **no_validation)
     return trainer, module, datamodule
 
 
@@ -78,7 +81,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer, module, datamodule = build(cfg, run_dir)
-    if cfg.validate_before_training and not cfg.ckpt_path:
+    if cfg.validate_before_training and not cfg.ckpt_path and datamodule.val_rows:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         print(f"[rlvr_lightning] held-out accuracy before training: {float(trainer.callback_metrics['val/accuracy']):.3f}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlvr_lightning.train import run
-from tests.conftest import TINY_OVERRIDES, read_scalars
+from tests.conftest import TINY_OVERRIDES, compose_config, read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,3 +49,24 @@ def test_resume_continues_step_counter_and_control_state(tiny_config, tmp_path: 
     run(tiny_config("trainer.max_steps=3", f"ckpt_path={ckpt}"), run_dir=second)
     scalars = read_scalars(second)
     assert [step for step, _ in scalars["reward/mean"]] == [2]
+
+
+def test_training_on_a_set_without_held_out_rows_skips_validation(tmp_path: Path) -> None:
+    rows = [{"problem": f"What is {a} + 1?", "answer": str(a + 1)} for a in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(__import__("json").dumps(r) for r in rows))
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("data.")]
+    cfg = compose_config(overrides + ["data=jsonl", f"data.path={data}", "data.question_field=problem", "data.val_size=0"])
+    run(cfg, run_dir=tmp_path / "run")
+    scalars = read_scalars(tmp_path / "run")
+    assert "reward/mean" in scalars and "val/accuracy" not in scalars
+
+
+def test_validation_logs_pass_and_majority_at_k(tiny_config, tmp_path: Path) -> None:
+    run(tiny_config("trainer.max_steps=1", "trainer.val_check_interval=1", "validation.n_samples=4"), run_dir=tmp_path)
+    scalars = read_scalars(tmp_path)
+    for tag in ("val/accuracy", "val/pass@2", "val/pass@4", "val/maj@2", "val/maj@4"):
+        assert [step for step, _ in scalars[tag]] == [0, 1], tag
+    # pass@k can only grow with k, and pass@1 is the accuracy.
+    for (_, p2), (_, p4), (_, acc) in zip(scalars["val/pass@2"], scalars["val/pass@4"], scalars["val/accuracy"], strict=True):
+        assert acc <= p2 + 1e-6 <= p4 + 2e-6
