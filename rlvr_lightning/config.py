@@ -1,11 +1,27 @@
-"""Config validation, run before any model loads: fail in a second with a useful message."""
+"""Config validation, run before any model loads: fail in a second with a useful message.
+
+Every ``ConfigError`` names the field, the value it got and what it may be (a range or a list),
+so the fix is one command-line override. Unknown config group options (``objective=nope``) are
+caught earlier by Hydra, whose message lists the available options.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from rlvr_lightning.advantages import ADVANTAGE_ESTIMATORS
 from rlvr_lightning.objectives import AGGREGATIONS, available_objectives
+from rlvr_lightning.rewards import ANSWER_MODES, METHODS
+
+MODEL_SOURCES = ("smollm2_gguf", "pretrained", "tiny")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+ENGINES = ("shared_prefix", "hf")
+OVERLONG_PROMPTS = ("drop", "truncate")
+_ABSENT = object()
 
 
 class ConfigError(ValueError):
@@ -17,24 +33,104 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _get(cfg: DictConfig, key: str, default: Any = _ABSENT) -> Any:
+    """The value at the dotted ``key``; ``default`` when absent, else a ConfigError."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    if value is _ABSENT or value == "???":
+        if default is not _ABSENT:
+            return default
+        raise ConfigError(f"{key} is not set; set it on the command line ({key}=...) or in conf/")
+    return value
+
+
+def _number(
+    cfg: DictConfig, key: str, rule: str, integer: bool = False, default: Any = _ABSENT, note: str = ""
+) -> float:
+    """The number at ``key``, checked against ``rule``: ``">= 0"``, ``"> 0"``, ``"(0, 1]"`` ...;
+    ``note`` (why the rule holds) is appended to the message."""
+    value = _get(cfg, key, default)
+    kind = "an integer" if integer else "a number"
+    is_number = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not is_number or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be {kind} {_describe(rule)}{note}")
+    if not _satisfies(value, rule):
+        raise ConfigError(f"{key}={value} must be {_describe(rule)}{note}")
+    return value
+
+
+def _describe(rule: str) -> str:
+    return f"in {rule}" if rule[0] in "([" else rule
+
+
+def _satisfies(value: float, rule: str) -> bool:
+    if rule[0] in "([":
+        low, high = (float(part) for part in rule[1:-1].split(","))
+        above = value > low if rule[0] == "(" else value >= low
+        below = value < high if rule[-1] == ")" else value <= high
+        return above and below
+    operator, bound = rule.split()
+    return {">=": value >= float(bound), ">": value > float(bound)}[operator]
+
+
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...] | list[str], default: Any = _ABSENT) -> str:
+    value = _get(cfg, key, default)
+    _require(value in choices, f"{key}={value!r} is unknown; available: {', '.join(choices)}")
+    return value
+
+
 def validate_config(cfg: DictConfig) -> None:
-    objective = cfg.objective
-    _require(
-        objective.name in available_objectives(),
-        f"objective.name={objective.name!r} is unknown; available: {', '.join(available_objectives())}",
-    )
+    """Raise ConfigError for the first invalid value of a composed training config."""
+    _validate_objective(cfg)
+    _validate_rollout(cfg)
+    _validate_optim(cfg)
+
+    _choice(cfg, "reward.method", METHODS)
+    _choice(cfg, "reward.answer_mode", ANSWER_MODES)
+    _number(cfg, "reward.timeout_seconds", "> 0")
+    _number(cfg, "validation.n_samples", ">= 1", integer=True)
+    if _get(cfg, "validation.temperature", None) is not None:
+        _number(cfg, "validation.temperature", ">= 0")
+
+    model_source = _choice(cfg, "model.source", MODEL_SOURCES)
+    _choice(cfg, "model.dtype", MODEL_DTYPES, default="float32")
+    if model_source == "pretrained":
+        _require(
+            bool(_get(cfg, "model.name_or_path", None)),
+            "model.name_or_path is not set: model=hf needs a hub id or a local folder "
+            "(model.name_or_path=/path/to/model)",
+        )
+    for flag in ("trust_remote_code", "allow_pickle_weights"):
+        value = _get(cfg, f"model.{flag}", False)
+        _require(isinstance(value, bool), f"model.{flag}={value!r} must be true or false")
+
+    for group in ("scheduler", "data"):
+        _require(
+            "_target_" in _get(cfg, group),
+            f"{group} has no _target_: pick a config ({group}=...), or give the class to build "
+            f"({group}._target_=package.module.Class)",
+        )
+    if _get(cfg, "trainer.max_steps", None) is None:
+        raise ConfigError("trainer.max_steps is not set; set the number of rollouts, e.g. trainer.max_steps=10")
+    _number(cfg, "trainer.max_steps", ">= 1", integer=True)
+    _number(cfg, "checkpoint.every_n_steps", ">= 0", integer=True)
+
+
+def _validate_objective(cfg: DictConfig) -> None:
+    objective = _get(cfg, "objective")
+    _choice(cfg, "objective.name", available_objectives())
     if objective.get("aggregation") is not None:
-        _require(objective.aggregation in AGGREGATIONS, f"objective.aggregation={objective.aggregation!r}; use one of {AGGREGATIONS}")
-    _require(objective.advantage in ADVANTAGE_ESTIMATORS, f"objective.advantage={objective.advantage!r}; use one of {ADVANTAGE_ESTIMATORS}")
-    control = objective.control
+        _choice(cfg, "objective.aggregation", AGGREGATIONS)
+    _choice(cfg, "objective.advantage", ADVANTAGE_ESTIMATORS)
     for field in ("eps_low", "eps_high"):
-        _require(control[field] >= 0, f"objective.control.{field}={control[field]} must be >= 0")
+        _number(cfg, f"objective.control.{field}", ">= 0")
+    eps_low = _get(cfg, "objective.control.eps_low")
     _require(
-        control.eps_low <= 1,
-        f"objective.control.eps_low={control.eps_low} must be <= 1 (lower clip bound 1 - eps_low >= 0; 1 means no lower bound)",
+        eps_low <= 1,
+        f"objective.control.eps_low={eps_low} must be <= 1 (lower clip bound 1 - eps_low >= 0; 1 means no lower bound)",
     )
     for field in ("beta1", "beta2"):
-        _require(control[field] >= 0, f"objective.control.{field}={control[field]} must be >= 0")
+        _number(cfg, f"objective.control.{field}", ">= 0", default=0.0)
+    control = objective.control
     if control.get("dual_clip") is not None:
         _require(control.dual_clip > 1, f"objective.control.dual_clip={control.dual_clip} must be > 1, or null to turn it off")
     erc = (control.get("erc_beta_low"), control.get("erc_beta_high"))
@@ -42,19 +138,41 @@ def validate_config(cfg: DictConfig) -> None:
     if erc[0] is not None:
         _require(0 < erc[0] < 1 and erc[1] > 0, f"ERC band ({erc[0]}, {erc[1]}): need 0 < erc_beta_low < 1 and erc_beta_high > 0")
     for field in ("kl_coef", "entropy_coef", "nll_coef"):
-        _require(objective.get(field, 0) >= 0, f"objective.{field}={objective.get(field)} must be >= 0")
+        _number(cfg, f"objective.{field}", ">= 0", default=0.0)
+    if objective.get("dynamic_sampling"):
+        _number(cfg, "objective.max_num_gen_batches", ">= 1", integer=True)
 
+
+def _validate_rollout(cfg: DictConfig) -> None:
+    for field in ("prompts_per_step", "group_size", "max_new_tokens", "max_tokens_per_micro_batch"):
+        _number(cfg, f"rollout.{field}", ">= 1", integer=True)
+    for field in ("epochs", "mini_batches"):
+        _number(cfg, f"rollout.{field}", ">= 1", integer=True, note=" (updates_per_rollout = epochs x mini_batches must be >= 1)")
+    _number(cfg, "rollout.temperature", "> 0")
+    _number(cfg, "rollout.top_p", "(0, 1]", default=1.0)
+    _choice(cfg, "rollout.engine", ENGINES, default="shared_prefix")
+    if _get(cfg, "rollout.max_prompt_tokens", None) is not None:
+        _number(cfg, "rollout.max_prompt_tokens", ">= 1", integer=True)
+    _choice(cfg, "rollout.overlong_prompts", OVERLONG_PROMPTS, default="drop")
     rollout = cfg.rollout
-    for field in ("prompts_per_step", "group_size", "max_new_tokens", "epochs", "mini_batches", "max_tokens_per_micro_batch"):
-        _require(int(rollout[field]) >= 1, f"rollout.{field}={rollout[field]} must be >= 1")
-    _require(rollout.temperature > 0, f"rollout.temperature={rollout.temperature} must be > 0")
-    _require(0 < rollout.top_p <= 1, f"rollout.top_p={rollout.top_p} must be in (0, 1]")
-    if objective.advantage == "grpo":
-        _require(rollout.group_size >= 2, "rollout.group_size=1 with the group-normalised grpo advantage: use group_size >= 2 (or objective.advantage=dr_grpo)")
+    if cfg.objective.advantage == "grpo":
+        _require(
+            rollout.group_size >= 2,
+            f"rollout.group_size={rollout.group_size} with the group-normalised grpo advantage: "
+            "use group_size >= 2 (or objective.advantage=dr_grpo)",
+        )
     _require(
         rollout.prompts_per_step % rollout.mini_batches == 0,
         f"rollout.mini_batches={rollout.mini_batches} does not divide rollout.prompts_per_step="
         f"{rollout.prompts_per_step}: mini-batches hold whole groups; choose a divisor of {rollout.prompts_per_step}",
     )
-    _require(cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be > 0")
-    _require(int(cfg.trainer.max_steps) >= 1, f"trainer.max_steps={cfg.trainer.max_steps} must be >= 1")
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    _number(cfg, "optim.lr", "> 0")
+    _number(cfg, "optim.weight_decay", ">= 0", default=0.0)
+    _number(cfg, "optim.max_grad_norm", "> 0", default=1.0)
+    _choice(cfg, "optim.lr_schedule", LR_SCHEDULES, default="constant")
+    _number(cfg, "optim.warmup_updates", ">= 0", integer=True, default=0)
+    _number(cfg, "optim.min_lr_ratio", "[0, 1]", default=0.0)
+    _number(cfg, "optim.max_consecutive_nonfinite_updates", ">= 0", integer=True, default=5)

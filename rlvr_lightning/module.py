@@ -29,7 +29,9 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 
+from rlvr_lightning import distributed
 from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
+from rlvr_lightning.checkpoints import rng_states, set_rng_states
 from rlvr_lightning.control import ControlState
 from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
 from rlvr_lightning.evaluation import default_k_values, majority_vote, pass_at_k
@@ -114,6 +116,11 @@ class RLVRModule(pl.LightningModule):
             {name: torchmetrics.MeanMetric() for name in self._validation_metric_names()}
         )
         self.nonfinite_updates = 0
+        # NaN/Inf updates skipped in a row; the run stops (with a checkpoint) when it reaches
+        # optim.max_consecutive_nonfinite_updates (0: never).
+        self.consecutive_nonfinite_updates = 0
+        self.max_consecutive_nonfinite_updates = int(optim.get("max_consecutive_nonfinite_updates", 5))
+        self.overlong_prompts_seen = 0
 
         epochs, mini_batches = int(rollout["epochs"]), int(rollout["mini_batches"])
         self.updates_per_rollout = epochs * mini_batches
@@ -170,12 +177,16 @@ class RLVRModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rlvr_control_state"] = self.control.state_dict()
         checkpoint["rlvr_nonfinite_updates"] = self.nonfinite_updates
+        checkpoint["rlvr_consecutive_nonfinite_updates"] = self.consecutive_nonfinite_updates
+        checkpoint["rlvr_rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rlvr_control_state" not in checkpoint:
             raise ValueError("checkpoint has no rlvr_lightning control state; was it written by rlvr_lightning?")
         self.control.load_state_dict(checkpoint["rlvr_control_state"])
         self.nonfinite_updates = int(checkpoint.get("rlvr_nonfinite_updates", 0))
+        self.consecutive_nonfinite_updates = int(checkpoint.get("rlvr_consecutive_nonfinite_updates", 0))
+        set_rng_states(checkpoint.get("rlvr_rng_states", {}))
 
     def _advance_step_counter(self) -> None:
         # Optimizer steps go to the plain optimizer; one Lightning step is one rollout.
@@ -184,7 +195,8 @@ class RLVRModule(pl.LightningModule):
         progress.increment_completed()
 
     def _step_seed(self, step: int, salt: int = 0) -> int:
-        return (self.seed * 1_000_003 + step * 7_919 + salt) % (2**63 - 1)
+        # Ranks sample different completions (rank 0 keeps the single-process seeds).
+        return (self.seed * 1_000_003 + step * 7_919 + salt + self.global_rank * 104_729) % (2**63 - 1)
 
     # ------------------------------------------------------------------ training step
 
@@ -196,7 +208,12 @@ class RLVRModule(pl.LightningModule):
         # (seed, step), so a resumed run makes the same draws as an uninterrupted one.
         torch.manual_seed(self._step_seed(step))
 
+        batch, prompt_metrics = self._limit_prompt_length(batch)
+        if prompt_metrics and not distributed.all_ranks(bool(batch), self.device):
+            self._skip_step_without_prompts(step, prompt_metrics)
+            return
         rollout, rollout_metrics = self._collect_rollout(batch, timings)
+        rollout_metrics.update(prompt_metrics)
         with self._timed(timings, "old_logprobs"):
             self._old_logprobs(rollout)
         if self.ref_policy is not None:
@@ -227,17 +244,80 @@ class RLVRModule(pl.LightningModule):
         metrics["perf/completion_tokens_per_second"] = completion_tokens / max(step_seconds, 1e-9)
         metrics["perf/peak_memory_gib"] = self._peak_memory_gib()
         metrics["optim/lr"] = self.lr_schedulers().get_last_lr()[0]
-        self._log_at_step({k: float(v) for k, v in metrics.items()}, step)
+        # Data parallel: every scalar is the mean over ranks (each rank trained on its own prompts).
+        metrics = distributed.mean_across_ranks({k: float(v) for k, v in metrics.items()}, self.device)
+        self._log_at_step(metrics, step)
         self.log("reward", metrics["reward/mean"], prog_bar=True, on_step=True, logger=False, batch_size=len(rollout))
         self.log("entropy", metrics["entropy/rollout"], prog_bar=True, on_step=True, logger=False, batch_size=len(rollout))
         self._log_samples(rollout, step)
         self._advance_step_counter()
+        self._stop_if_nonfinite(step)
 
     def _log_at_step(self, metrics: dict[str, float], step: int) -> None:
         """Write scalars at x = ``step`` (rollouts completed before them): Lightning's own logging
         step counts batches, which drifts from the rollout count across a resume."""
         if self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ faults
+
+    def _limit_prompt_length(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Apply ``rollout.max_prompt_tokens`` to a step's rows: with ``overlong_prompts=drop``
+        over-long rows leave the step; with ``truncate`` they stay and generation keeps their last
+        ``max_prompt_tokens`` tokens. Returns the rows and the counts to log (none without a limit)."""
+        limit = self.rollout_cfg.get("max_prompt_tokens")
+        if limit is None:
+            return rows, {}
+        mode = self.rollout_cfg.get("overlong_prompts", "drop")
+        encoded = self.tokenizer(self._prompts(rows), add_special_tokens=False)["input_ids"]
+        overlong = [len(ids) > int(limit) for ids in encoded]
+        count = sum(overlong)
+        if count and not self.overlong_prompts_seen:
+            warnings.warn(
+                f"prompts longer than rollout.max_prompt_tokens={limit} tokens are "
+                f"{'dropped' if mode == 'drop' else 'truncated to their last tokens'} "
+                f"(rollout.overlong_prompts={mode}); counted per step in data/overlong_prompts_"
+                f"{'dropped' if mode == 'drop' else 'truncated'}",
+                stacklevel=2,
+            )
+        self.overlong_prompts_seen += count
+        if mode == "drop":
+            rows = [row for row, too_long in zip(rows, overlong, strict=True) if not too_long]
+            return rows, {"data/overlong_prompts_dropped": float(count)}
+        return rows, {"data/overlong_prompts_truncated": float(count)}
+
+    def _skip_step_without_prompts(self, step: int, prompt_metrics: dict[str, float]) -> None:
+        """Every prompt of the step was dropped for its length: no rollout and no update, but the
+        step counts, so the run still ends after ``trainer.max_steps`` steps."""
+        warnings.warn(
+            f"step {step}: every prompt is longer than rollout.max_prompt_tokens="
+            f"{self.rollout_cfg['max_prompt_tokens']} tokens and was dropped, so the step is skipped "
+            "(no update); raise max_prompt_tokens or set rollout.overlong_prompts=truncate",
+            stacklevel=2,
+        )
+        metrics = {**prompt_metrics, "optim/skipped_steps_without_prompts": 1.0}
+        self._log_at_step(distributed.mean_across_ranks(metrics, self.device), step)
+        self._advance_step_counter()
+
+    def _stop_if_nonfinite(self, step: int) -> None:
+        """After ``optim.max_consecutive_nonfinite_updates`` skipped NaN/Inf updates in a row,
+        save ``checkpoints/nonfinite_stop.ckpt`` (the weights are those before the bad updates,
+        which changed nothing) and stop the run with an error that says what to try."""
+        limit = self.max_consecutive_nonfinite_updates
+        if limit <= 0 or self.consecutive_nonfinite_updates < limit:
+            return
+        callback = self.trainer.checkpoint_callback
+        folder = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
+        path = folder / "nonfinite_stop.ckpt"
+        self.trainer.save_checkpoint(path)  # atomic: the trainer's checkpoint I/O (train.build)
+        raise RuntimeError(
+            f"training stopped at step {step}: {self.consecutive_nonfinite_updates} optimizer updates "
+            f"in a row had a NaN/Inf loss or gradient and were skipped "
+            f"(optim.max_consecutive_nonfinite_updates={limit}). A checkpoint of the last good "
+            f"weights is at {path}. Try a lower optim.lr or optim.max_grad_norm, check the data and "
+            f"rewards of the last steps (optim/skipped_nonfinite_updates in TensorBoard), then resume "
+            f"with ckpt_path={path}"
+        )
 
     @contextmanager
     def _timed(self, timings: dict[str, float], stage: str) -> Iterator[None]:
@@ -268,6 +348,8 @@ class RLVRModule(pl.LightningModule):
             greedy=greedy,
             max_prompt_tokens=cfg.get("max_prompt_tokens"),
             engine=cfg.get("engine", "shared_prefix"),
+            ignore_eos=bool(cfg.get("ignore_eos", False)),
+            synced=distributed.needs_synced_forwards(self.policy),
         )
 
     def _score(self, rollout: Rollout, answers: list[str]) -> dict[str, torch.Tensor]:
@@ -288,7 +370,8 @@ class RLVRModule(pl.LightningModule):
         generation batches and dropping constant-reward groups until the batch is full."""
         cfg, obj = self.rollout_cfg, self.objective_cfg
         group_size = int(cfg["group_size"])
-        prompts_per_step = int(cfg["prompts_per_step"])
+        # This rank's share of the step's prompts (the data module gives each rank its share).
+        prompts_per_step = int(cfg["prompts_per_step"]) // max(self.trainer.world_size, 1)
         dynamic = bool(obj.get("dynamic_sampling", False))
         max_batches = int(obj.get("max_num_gen_batches", 1)) if dynamic else 1
         kept: list[Rollout] = []
@@ -446,7 +529,10 @@ class RLVRModule(pl.LightningModule):
         entropy_all = torch.zeros(n, length, device=rollout.input_ids.device)
         was_training = model.training
         model.eval()
-        for rows in self._micro_batches(torch.arange(n // rollout.group_size), rollout):
+        micro_batches = self._micro_batches(torch.arange(n // rollout.group_size), rollout)
+        if distributed.needs_synced_forwards(model):  # FSDP: as many forwards on every rank
+            micro_batches = [rows for rows, _ in distributed.equal_micro_batches(micro_batches, self.device)]
+        for rows in micro_batches:
             logp, entropy, used = self._forward_logprobs(model, rollout, rows, with_entropy)
             logp_all[rows.to(logp_all.device), used] = logp
             if entropy is not None:
@@ -470,7 +556,8 @@ class RLVRModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         num_groups = len(rollout) // rollout.group_size
         # Dynamic sampling can leave fewer groups than mini-batches: then one group per update.
-        mini_batches = min(int(cfg["mini_batches"]), num_groups)
+        # Every rank takes the same number of updates (their gradients are reduced together).
+        mini_batches = min(int(cfg["mini_batches"]), distributed.min_across_ranks(num_groups, self.device))
         generator = torch.Generator().manual_seed(self._step_seed(step, salt=1))
         device = rollout.input_ids.device
         advantages = rollout.data["advantages"].to(device)
@@ -480,10 +567,14 @@ class RLVRModule(pl.LightningModule):
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         losses, grad_norms, skipped = [], [], 0
+        limit = self.max_consecutive_nonfinite_updates
+        stop_run = False  # the NaN/Inf limit was reached: no more updates (see _stop_if_nonfinite)
         for _epoch in range(int(cfg["epochs"])):
             # Mini-batches of whole groups, so each group's prompt is encoded once per pass.
             group_order = torch.randperm(num_groups, generator=generator)
             for mini_groups in group_order.tensor_split(mini_batches):
+                if stop_run:
+                    break
                 mini = (mini_groups.unsqueeze(-1) * rollout.group_size + torch.arange(rollout.group_size)).view(-1)
                 mini_mask = loss_mask[mini]
                 counts = torch.tensor(
@@ -500,7 +591,8 @@ class RLVRModule(pl.LightningModule):
                 )
                 optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
-                for micro in self._micro_batches(mini_groups, rollout):
+                micro_batches = distributed.equal_micro_batches(self._micro_batches(mini_groups, rollout), device)
+                for micro, weight in micro_batches:
                     logp, entropy, used = self._forward_logprobs(
                         self.policy, rollout, micro, with_entropy=True, entropy_grad=need_entropy_grad
                     )
@@ -519,6 +611,10 @@ class RLVRModule(pl.LightningModule):
                     loss, metrics = compute_loss(
                         self.objective_name, batch, self.control, self.objective_params, normalizer
                     )
+                    if weight == 0.0:
+                        # A repeat that only keeps this rank in step with the gradient reduction.
+                        self.manual_backward(loss * 0.0)
+                        continue
                     self.manual_backward(loss)
                     mini_loss += float(loss.detach())
                     tokens = float(batch.mask.sum())
@@ -526,15 +622,21 @@ class RLVRModule(pl.LightningModule):
                     for key, value in metrics.items():
                         totals[key] += float(value) * tokens
                         weights[key] += tokens
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), float(self.optim_cfg.get("max_grad_norm", 1.0))
+                grad_norm = distributed.clip_grad_norm(
+                    self.policy.parameters(),
+                    float(self.optim_cfg.get("max_grad_norm", 1.0)),
+                    sharded=distributed.is_sharded(self.policy),
                 )
-                if not (math.isfinite(mini_loss) and torch.isfinite(grad_norm)):
+                finite = math.isfinite(mini_loss) and bool(torch.isfinite(grad_norm))
+                if not distributed.all_ranks(finite, device):  # ranks skip or step together
                     # A NaN/Inf loss or gradient: skip this update rather than corrupt the weights.
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     self.nonfinite_updates += 1
+                    self.consecutive_nonfinite_updates += 1
+                    stop_run = 0 < limit <= self.consecutive_nonfinite_updates
                     continue
+                self.consecutive_nonfinite_updates = 0
                 optimizer.step()
                 scheduler.step()
                 losses.append(mini_loss)

@@ -557,6 +557,9 @@ class RewardFunction:
         num_workers: worker processes for math_verify (default: min(4, CPU count)).
         worker_startup_timeout_seconds: time allowed for a math_verify worker process to start
             (it imports this module and math_verify, then checks one answer as a warm-up).
+        random_reward_probability: when set, the reward ignores correctness: ``correct_reward``
+            with this probability, else ``incorrect_reward`` (random rewards, arXiv 2509.26114);
+            ``correct`` still reports the real verdict.
     """
 
     def __init__(
@@ -569,6 +572,7 @@ class RewardFunction:
         timeout_seconds: float = 5.0,
         num_workers: int | None = None,
         worker_startup_timeout_seconds: float = 120.0,
+        random_reward_probability: float | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown reward method {method!r}; expected one of {METHODS}")
@@ -584,6 +588,11 @@ class RewardFunction:
         self.timeout_seconds = float(timeout_seconds)
         self.num_workers = num_workers or min(4, os.cpu_count() or 1)
         self.worker_startup_timeout_seconds = float(worker_startup_timeout_seconds)
+        if random_reward_probability is not None and not 0.0 <= random_reward_probability <= 1.0:
+            raise ValueError(
+                f"random_reward_probability={random_reward_probability} must be in [0, 1] or null"
+            )
+        self.random_reward_probability = random_reward_probability
         self._process_runner: _ProcessRunner | None = None
 
     def __call__(self, completions: Sequence[str], answers: Sequence[str]) -> RewardResult:
@@ -608,8 +617,17 @@ class RewardFunction:
             outcomes = self._process_runner.run(check, tasks, self.timeout_seconds)
 
         rewards = []
-        for completion, outcome in zip(completions, outcomes, strict=True):
-            reward = self.correct_reward if outcome.correct else self.incorrect_reward
+        if self.random_reward_probability is not None:
+            # Spurious rewards (arXiv 2509.26114): independent of correctness, drawn from the
+            # global torch RNG, which the trainer seeds per step. (torch is imported here only:
+            # the math_verify workers import this module and should start fast.)
+            import torch
+
+            hits = (torch.rand(len(outcomes)) < self.random_reward_probability).tolist()
+        else:
+            hits = [outcome.correct for outcome in outcomes]
+        for completion, hit in zip(completions, hits, strict=True):
+            reward = self.correct_reward if hit else self.incorrect_reward
             if self.format_reward and extract_boxed(completion):
                 reward += self.format_reward
             rewards.append(reward)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlvr_lightning.distributed import all_ranks
+
 
 @dataclass
 class Rollout:
@@ -104,12 +106,19 @@ def sample_shared_prefix(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    ignore_eos: bool = False,
+    synced: bool = False,
 ) -> torch.Tensor:
     """Sample ``group_size`` completions per (left-padded) prompt; returns ``[P * G, T]`` ids.
 
     Each prompt is encoded once and its KV cache repeated for the group (generation's prefill
     costs ``P`` prompts, not ``P * G``), and rows that reached EOS leave the batch, so decoding
     costs only the unfinished rows. Tokens after EOS are ``pad_token_id``.
+
+    ``ignore_eos``: EOS is never sampled, so every response is ``max_new_tokens`` long (for
+    benchmarks that need a fixed amount of work). ``synced`` (FSDP, where every forward gathers
+    parameters from all ranks): no row leaves the batch and decoding stops only when every rank
+    is done, so all ranks run the same number of forward passes.
     """
     cache_name = _cache_kwarg(model)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -126,11 +135,20 @@ def sample_shared_prefix(
     result = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=prompt_ids.device)
     active = torch.arange(rows, device=prompt_ids.device)  # result rows still being decoded
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)  # synced mode only
     for t in range(max_new_tokens):
+        if ignore_eos:
+            logits[:, eos] = float("-inf")
         tokens = _sample_next(logits, temperature, top_p, greedy)
         result[active, t] = tokens
         alive = ~torch.isin(tokens, eos)
-        if t == max_new_tokens - 1 or not alive.any():
+        if synced:
+            # Finished rows ride along (tokens after EOS are masked out by the caller).
+            finished |= ~alive
+            if t == max_new_tokens - 1 or all_ranks(bool(finished.all()), prompt_ids.device):
+                break
+            alive = torch.ones_like(alive)
+        elif t == max_new_tokens - 1 or not alive.any():
             break
         if not alive.all():
             keep = alive.nonzero().squeeze(-1)
@@ -159,12 +177,16 @@ def generate_rollout(
     greedy: bool = False,
     max_prompt_tokens: int | None = None,
     engine: str = "shared_prefix",
+    ignore_eos: bool = False,
+    synced: bool = False,
 ) -> Rollout:
     """Generate ``group_size`` completions for every prompt (rows grouped by prompt).
 
     ``engine``: ``shared_prefix`` (``sample_shared_prefix``: one prefill per prompt, finished
     rows leave the batch) or ``hf`` (``model.generate`` on every row). Sampling uses the global
-    torch RNG; the caller seeds it per step for reproducibility.
+    torch RNG; the caller seeds it per step for reproducibility. ``ignore_eos`` forces every
+    response to ``max_new_tokens`` tokens; ``synced`` keeps FSDP ranks decoding in lock-step
+    (see ``sample_shared_prefix``).
     """
     if engine not in ("shared_prefix", "hf"):
         raise ValueError(f"rollout.engine={engine!r} is unknown; use 'shared_prefix' or 'hf'")
@@ -185,7 +207,7 @@ def generate_rollout(
     if engine == "shared_prefix":
         response_ids = sample_shared_prefix(
             model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos,
-            tokenizer.pad_token_id, temperature, top_p, greedy,
+            tokenizer.pad_token_id, temperature, top_p, greedy, ignore_eos, synced,
         )
         prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
         prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
@@ -196,6 +218,8 @@ def generate_rollout(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            min_new_tokens=max_new_tokens if ignore_eos else None,
+            synced_gpus=synced,
             **sampling,
         )
         response_ids = output[:, prompt_ids.shape[1]:]

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, read_resume_checkpoint
 from rlvr_lightning.config import validate_config
 from rlvr_lightning.module import RLVRModule
 from rlvr_lightning.progress import RolloutProgressBar
@@ -71,16 +72,29 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.Li
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
     # Evaluation-only sets (val_size 0) have no held-out rows: training runs without validation.
     no_validation = {} if datamodule.val_rows else {"limit_val_batches": 0}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir), **no_validation)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],  # checkpoints are written to a temporary file, then renamed
+        **no_validation,
+    )
     return trainer, module, datamodule
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
     """Train as configured; returns the final logged metrics (floats)."""
     run_dir = run_dir or run_dir_of(cfg)
+    # Bad values and bad checkpoints fail here, before a model loads or a file is written.
+    validate_config(cfg)
+    checkpoint = read_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    trainer, module, datamodule = build(cfg, run_dir)
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, cfg.ckpt_path, module)
+        del checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer, module, datamodule = build(cfg, run_dir)
     if cfg.validate_before_training and not cfg.ckpt_path and datamodule.val_rows:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         print(f"[rlvr_lightning] held-out accuracy before training: {float(trainer.callback_metrics['val/accuracy']):.3f}")

@@ -291,3 +291,17 @@ def test_math_verify_reward_survives_a_hanging_check():
         assert copy.method == "math_verify"
         processes = [worker.process for worker in reward_fn._process_runner._workers]
     assert processes and all(process.poll() is not None for process in processes)
+
+
+def test_random_rewards_ignore_correctness_but_report_it() -> None:
+    import torch
+
+    reward_fn = RewardFunction(method="numeric", random_reward_probability=0.5)
+    torch.manual_seed(0)
+    result = reward_fn(["\\boxed{2}"] * 400, ["2"] * 400)
+    assert all(result.correct)
+    assert 0.4 < sum(result.rewards) / 400 < 0.6
+    torch.manual_seed(0)
+    assert reward_fn(["\\boxed{2}"] * 400, ["2"] * 400).rewards == result.rewards  # seeded
+    with pytest.raises(ValueError, match="random_reward_probability"):
+        RewardFunction(random_reward_probability=1.5)

@@ -130,3 +130,29 @@ def test_compare_schedules_runs_as_a_script() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--schedules" in result.stdout and "--extra" in result.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_recipe_composes(recipe: str) -> None:
+    from tools.compare_schedules import compose
+    from tools.run_experiment import load_recipe, run_overrides
+
+    loaded = load_recipe(recipe)
+    for variant in loaded["variants"]:
+        cfg = compose(run_overrides(loaded, variant, 0, "tiny", []))
+        assert cfg.model.source == "tiny"
+
+
+def test_run_experiment_smoke(tmp_path: Path) -> None:
+    from tools.run_experiment import run_recipe
+
+    out = run_recipe(
+        "random_rewards",
+        tmp_path,
+        model="tiny",
+        extra=["trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+               "rollout.max_new_tokens=8", "rollout.epochs=1", "data.num_train=50", "data.num_val=4"],
+    )
+    assert (out / "random_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "symmetric_eps_0.2_seed0" in summary and "clip_low_0.05_high_off_seed0" in summary

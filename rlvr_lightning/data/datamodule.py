@@ -2,7 +2,8 @@
 
 Training batches are drawn per step: the batch for step ``k`` depends only on ``(seed, k)``, so a
 resumed run (which starts from the restored global step) sees exactly the prompts an
-uninterrupted run would have seen.
+uninterrupted run would have seen. Under data parallelism every rank draws the same step batch and
+trains on its own contiguous share of it (``StepBatches``).
 """
 
 from __future__ import annotations
@@ -18,18 +19,47 @@ from rlvr_lightning.data.arithmetic import make_arithmetic_splits
 
 
 class StepBatches(IterableDataset):
-    """Yields, for step ``start_step, start_step + 1, ...``, a list of ``rows_per_step`` rows drawn
-    without replacement (within a step) by a generator seeded with ``(seed, step)``."""
+    """Yields, for step ``start_step, start_step + 1, ...``, this rank's rows of the step.
 
-    def __init__(self, rows: list[dict[str, Any]], rows_per_step: int, seed: int, start_step: int = 0) -> None:
+    The step's full batch is ``rows_per_step`` rows drawn without replacement (within a step) by
+    a generator seeded with ``(seed, step)``, the same on every rank. It is read as
+    ``generation_batches`` consecutive generation batches (dynamic sampling draws more than one);
+    under data parallelism rank ``r`` of ``world_size`` takes the ``r``-th contiguous share of each
+    generation batch, so the ranks train on different prompts that together are the step's batch,
+    and no group of samples is ever split across ranks.
+    """
+
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        rows_per_step: int,
+        seed: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        generation_batches: int = 1,
+    ) -> None:
         if not rows:
             raise ValueError("the training split has no rows")
+        prompts_per_batch, remainder = divmod(rows_per_step, generation_batches)
+        if remainder or prompts_per_batch % world_size:
+            raise ValueError(
+                f"rollout.prompts_per_step={prompts_per_batch} is not divisible by the number of "
+                f"data-parallel ranks ({world_size}): each rank trains on an equal share of every "
+                "generation batch; choose prompts_per_step as a multiple of the world size"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of size {world_size}")
         self.rows = rows
         self.rows_per_step = rows_per_step
         self.seed = seed
         self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self.generation_batches = generation_batches
 
-    def batch_for_step(self, step: int) -> list[dict[str, Any]]:
+    def global_batch_for_step(self, step: int) -> list[dict[str, Any]]:
+        """The step's rows over all ranks, in generation-batch order."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         n = len(self.rows)
         if self.rows_per_step <= n:
@@ -37,6 +67,19 @@ class StepBatches(IterableDataset):
         else:
             index = torch.randint(n, (self.rows_per_step,), generator=generator)
         return [self.rows[i] for i in index.tolist()]
+
+    def batch_for_step(self, step: int) -> list[dict[str, Any]]:
+        """This rank's rows of the step: its share of each generation batch, in order."""
+        rows = self.global_batch_for_step(step)
+        if self.world_size == 1:
+            return rows
+        per_batch = self.rows_per_step // self.generation_batches
+        share = per_batch // self.world_size
+        out = []
+        for start in range(0, self.rows_per_step, per_batch):
+            first = start + self.rank * share
+            out.extend(rows[first : first + share])
+        return out
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         step = self.start_step
@@ -72,9 +115,16 @@ class PromptDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored, so a resumed run starts at the restored step.
-        start = self.trainer.global_step if self.trainer is not None else 0
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else 0
         dataset = StepBatches(
-            self.train_rows, self.prompts_per_step * self.generation_batches_per_step, self.seed, start
+            self.train_rows,
+            self.prompts_per_step * self.generation_batches_per_step,
+            self.seed,
+            start,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            generation_batches=self.generation_batches_per_step,
         )
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 
