@@ -70,3 +70,17 @@ def test_validation_logs_pass_and_majority_at_k(tiny_config, tmp_path: Path) -> 
     # pass@k can only grow with k, and pass@1 is the accuracy.
     for (_, p2), (_, p4), (_, acc) in zip(scalars["val/pass@2"], scalars["val/pass@4"], scalars["val/accuracy"], strict=True):
         assert acc <= p2 + 1e-6 <= p4 + 2e-6
+
+
+def test_multirun_sweeps_two_objectives(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in TINY_OVERRIDES if o != "trainer.max_steps=2"]
+    cmd = [sys.executable, "-m", "rlvr_lightning.train", "-m", "objective=grpo,dapo", *overrides,
+           "trainer.max_steps=1", "validate_before_training=false", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["0_grpo", "1_dapo"]
+    for name in runs:
+        assert "reward/mean" in read_scalars(sweep / name)
