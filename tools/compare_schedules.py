@@ -71,15 +71,15 @@ def compose(overrides: Sequence[str]):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def _last(points: list[tuple[int, float]] | None) -> float | None:
+def last_value(points: list[tuple[int, float]] | None) -> float | None:
     return points[-1][1] if points else None
 
 
-def _mean(points: list[tuple[int, float]] | None) -> float | None:
+def mean_value(points: list[tuple[int, float]] | None) -> float | None:
     return sum(value for _, value in points) / len(points) if points else None
 
 
-def _cell(value: float | None) -> str:
+def format_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -94,11 +94,11 @@ def summary_table(run_dirs: dict[str, Path]) -> str:
         scalars = read_scalars(run_dir)
         entropy = scalars.get("entropy/rollout")
         cells = [
-            _cell(_last(entropy)),
-            _cell(_last(scalars.get("reward/mean"))),
-            _cell(_mean(scalars.get("objective/eps_low_in_force"))),
-            _cell(_mean(scalars.get("objective/eps_high_in_force"))),
-            _cell(_last(scalars.get("val/accuracy"))),
+            format_cell(last_value(entropy)),
+            format_cell(last_value(scalars.get("reward/mean"))),
+            format_cell(mean_value(scalars.get("objective/eps_low_in_force"))),
+            format_cell(mean_value(scalars.get("objective/eps_high_in_force"))),
+            format_cell(last_value(scalars.get("val/accuracy"))),
         ]
         lines.append(f"| {name} | {len(entropy or [])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

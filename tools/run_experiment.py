@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `tools` and `rlvr_lightning` importable
     sys.path.insert(0, str(REPO))
 
-from tools.compare_schedules import compose  # noqa: E402
+from tools.compare_schedules import compose, format_cell, last_value, mean_value  # noqa: E402
 from tools.plot_run import plot_runs, read_scalars  # noqa: E402
 
 RECIPES = REPO / "conf" / "experiment"
@@ -57,12 +57,8 @@ def run_overrides(recipe: dict, variant: str, seed: int, model: str | None, extr
     return [*overrides, *extra]
 
 
-def _stat(points: list[tuple[int, float]] | None, how: str) -> str:
-    if not points:
-        return "-"
-    values = [value for _, value in points]
-    value = {"first": values[0], "last": values[-1], "mean": sum(values) / len(values)}[how]
-    return f"{value:.4f}"
+def first_value(points: list[tuple[int, float]] | None) -> float | None:
+    return points[0][1] if points else None
 
 
 def summary_table(runs: dict[str, Path], seconds: dict[str, float]) -> str:
@@ -75,12 +71,12 @@ def summary_table(runs: dict[str, Path], seconds: dict[str, float]) -> str:
         scalars = read_scalars(run_dir)
         entropy = scalars.get("entropy/rollout")
         cells = [
-            _stat(entropy, "first"),
-            _stat(entropy, "last"),
-            _stat(scalars.get("objective/clip_low_fraction"), "mean"),
-            _stat(scalars.get("objective/clip_high_fraction"), "mean"),
-            _stat(scalars.get("reward/mean"), "last"),
-            _stat(scalars.get("reward/accuracy"), "last"),
+            format_cell(first_value(entropy)),
+            format_cell(last_value(entropy)),
+            format_cell(mean_value(scalars.get("objective/clip_low_fraction"))),
+            format_cell(mean_value(scalars.get("objective/clip_high_fraction"))),
+            format_cell(last_value(scalars.get("reward/mean"))),
+            format_cell(last_value(scalars.get("reward/accuracy"))),
             f"{seconds[name]:.0f}",
         ]
         lines.append(f"| {name} | {len(entropy or [])} | " + " | ".join(cells) + " |")
