@@ -69,10 +69,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def read_resume_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_resume_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Load a checkpoint to resume from (tensors memory-mapped, not read) and check that it is
-    one rlvr_lightning wrote. Raises FileNotFoundError or CheckpointError with the fix."""
+    one rlvr_lightning wrote. Raises FileNotFoundError or CheckpointError with the fix. A sharded
+    FSDP checkpoint (a folder, ``trainer=fsdp trainer.strategy.state_dict_type=sharded``) is left
+    to Lightning's own loader: None."""
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        return None
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"ckpt_path={str(path)!r} {what}; {RESUME_HINT}")

@@ -18,7 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from rlvr_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, read_resume_checkpoint
+from rlvr_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    check_checkpoint_fits,
+    read_resume_checkpoint,
+)
 from rlvr_lightning.config import validate_config
 from rlvr_lightning.module import RLVRModule
 from rlvr_lightning.progress import RolloutProgressBar
@@ -61,6 +65,7 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.Li
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step_{step}",
+        auto_insert_metric_name=False,  # step_2.ckpt, not step_step=2.ckpt ("=" needs quoting in Hydra)
         every_n_train_steps=every or None,
         save_top_k=-1 if every else 0,  # 0: keep only last.ckpt (written when training stops)
         save_last=bool(cfg.checkpoint.save_last),
