@@ -78,6 +78,30 @@ def response_logprobs(
     )
 
 
+def cache_argument(model: nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` in transformers 5,
+    ``past_key_values`` in 4.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def encode_prompts_once(
+    model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int
+) -> tuple[object, torch.Tensor]:
+    """Run each (left-padded) prompt once and repeat its KV cache for its group of ``group_size``.
+
+    Returns the cache (rows ``u*G .. u*G+G-1`` belong to prompt ``u``) and the logits at each
+    prompt's last position, ``[U * G, V]``: those predict the first response token.
+    """
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+        use_cache=True, logits_to_keep=1,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    return cache, out.logits[:, -1].repeat_interleave(group_size, 0)
+
+
 def shared_prefix_response_logprobs(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -98,23 +122,16 @@ def shared_prefix_response_logprobs(
     group, and gradients flow through it to the prompt's computation, so the result and its
     gradient equal those of the full forward pass while the prompt costs ``U`` rows, not ``U*G``.
     """
-    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
-    prompt_out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-        use_cache=True, logits_to_keep=1,
-    )
-    cache = getattr(prompt_out, "cache", None) or prompt_out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    first_logits = prompt_out.logits[:, -1:].repeat_interleave(group_size, 0)
+    cache, first_logits = encode_prompts_once(model, prompt_ids, prompt_mask, group_size)
+    first_logits = first_logits.unsqueeze(1)
     length = response_ids.shape[1]
     if length > 1:
         mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask[:, :-1].long()], dim=1)
         start = prompt_mask.long().sum(-1).repeat_interleave(group_size, 0)
         response_positions = start.unsqueeze(-1) + torch.arange(length - 1, device=start.device)
-        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = model(
             input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=response_positions,
-            use_cache=True, **{cache_name: cache},
+            use_cache=True, **{cache_argument(model): cache},
         )
         logits = torch.cat([first_logits, out.logits], dim=1)
     else:

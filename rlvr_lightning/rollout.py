@@ -7,13 +7,13 @@ the last logits of one forward pass (see ``logprobs.response_logprobs``).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr_lightning.distributed import all_ranks
+from rlvr_lightning.logprobs import cache_argument, encode_prompts_once
 
 
 @dataclass
@@ -89,11 +89,6 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, greedy:
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _cache_kwarg(model: PreTrainedModel) -> str:
-    # transformers 5 names the KV cache argument ``cache``; 4.x calls it ``past_key_values``.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def sample_shared_prefix(
     model: PreTrainedModel,
@@ -120,15 +115,8 @@ def sample_shared_prefix(
     parameters from all ranks): no row leaves the batch and decoding stops only when every rank
     is done, so all ranks run the same number of forward passes.
     """
-    cache_name = _cache_kwarg(model)
-    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-        use_cache=True, logits_to_keep=1,
-    )
-    cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    logits = out.logits[:, -1].repeat_interleave(group_size, 0)
+    cache_name = cache_argument(model)
+    cache, logits = encode_prompts_once(model, prompt_ids, prompt_mask, group_size)
     mask = prompt_mask.repeat_interleave(group_size, 0)
     next_position = mask.sum(-1)
     rows = prompt_ids.shape[0] * group_size
