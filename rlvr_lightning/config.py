@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from rlvr_lightning.advantages import ADVANTAGE_ESTIMATORS
 from rlvr_lightning.objectives import AGGREGATIONS, available_objectives
 from rlvr_lightning.rewards import ANSWER_MODES, METHODS
+from rlvr_lightning.rollout import COMPILE_MODES, ENGINES, HF_CACHES
 
 MODEL_SOURCES = ("smollm2_gguf", "pretrained", "tiny")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-ENGINES = ("shared_prefix", "hf")
 OVERLONG_PROMPTS = ("drop", "truncate")
 _ABSENT = object()
 
@@ -150,7 +150,27 @@ def _validate_rollout(cfg: DictConfig) -> None:
         _number(cfg, f"rollout.{field}", ">= 1", integer=True, note=" (updates_per_rollout = epochs x mini_batches must be >= 1)")
     _number(cfg, "rollout.temperature", "> 0")
     _number(cfg, "rollout.top_p", "(0, 1]", default=1.0)
-    _choice(cfg, "rollout.engine", ENGINES, default="shared_prefix")
+    engine = _choice(cfg, "rollout.engine", ENGINES, default="shared_prefix")
+    _choice(cfg, "rollout.hf_cache", HF_CACHES, default="dynamic")
+    compile_decoding = str(_get(cfg, "rollout.compile_decoding", "auto")).lower()
+    _require(
+        compile_decoding in COMPILE_MODES,
+        f"rollout.compile_decoding={compile_decoding!r} is unknown; available: {', '.join(COMPILE_MODES)}",
+    )
+    if _get(cfg, "rollout.pad_prompts_to_multiple_of", None) is not None:
+        _number(cfg, "rollout.pad_prompts_to_multiple_of", ">= 1", integer=True)
+    if engine == "continuous_batching":
+        _require(
+            not _get(cfg, "rollout.ignore_eos", False),
+            "rollout.ignore_eos=true is not supported by rollout.engine=continuous_batching (transformers' "
+            "continuous batching drops min_new_tokens); use rollout.engine=shared_prefix or hf",
+        )
+        strategy = str(_get(cfg, "trainer.strategy._target_", _get(cfg, "trainer.strategy", "")) or "")
+        _require(
+            "fsdp" not in strategy.lower(),
+            "rollout.engine=continuous_batching cannot run under FSDP (it decodes in a background thread, "
+            "while FSDP ranks must run every forward together); use rollout.engine=shared_prefix or hf",
+        )
     if _get(cfg, "rollout.max_prompt_tokens", None) is not None:
         _number(cfg, "rollout.max_prompt_tokens", ">= 1", integer=True)
     _choice(cfg, "rollout.overlong_prompts", OVERLONG_PROMPTS, default="drop")

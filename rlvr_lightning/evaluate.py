@@ -69,6 +69,8 @@ def generate_and_score(
     greedy: bool = False,
     max_prompt_tokens: int | None = None,
     engine: str = "shared_prefix",
+    cache_implementation: str = "dynamic",
+    compile_decoding: str = "auto",
     instruction: str = DEFAULT_INSTRUCTION,
     system_prompt: str | None = None,
     first_problem_index: int = 0,
@@ -82,7 +84,7 @@ def generate_and_score(
     rollout = generate_rollout(
         model, tokenizer, prompts, group_size=n_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, greedy=greedy, max_prompt_tokens=max_prompt_tokens,
-        engine=engine,
+        engine=engine, cache_implementation=cache_implementation, compile_decoding=compile_decoding,
     )
     answers = [str(row["answer"]) for row in rows for _ in range(n_samples)]
     result = reward_fn(rollout.completions, answers)
@@ -176,6 +178,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 max_new_tokens=int(cfg.max_new_tokens), temperature=temperature,
                 top_p=float(cfg.top_p), greedy=greedy, max_prompt_tokens=cfg.max_prompt_tokens,
                 engine=str(cfg.get("engine", "shared_prefix")), first_problem_index=first,
+                cache_implementation=str(cfg.get("hf_cache", "dynamic")),
+                compile_decoding=str(cfg.get("compile_decoding", "auto")),
                 **prompt_cfg,
             )
             for record in batch_records:

@@ -373,6 +373,9 @@ class RLVRModule(pl.LightningModule):
             engine=cfg.get("engine", "shared_prefix"),
             ignore_eos=bool(cfg.get("ignore_eos", False)),
             synced=distributed.needs_synced_forwards(self.policy),
+            cache_implementation=str(cfg.get("hf_cache", "dynamic")),
+            compile_decoding=str(cfg.get("compile_decoding", "auto")),
+            pad_prompts_to_multiple_of=cfg.get("pad_prompts_to_multiple_of"),
         )
 
     def _score(self, rollout: Rollout, answers: list[str]) -> dict[str, torch.Tensor]:

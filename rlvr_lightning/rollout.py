@@ -8,9 +8,16 @@ the last logits of one forward pass (see ``logprobs.response_logprobs``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CompileConfig,
+    ContinuousBatchingConfig,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlvr_lightning.distributed import all_ranks
 from rlvr_lightning.logprobs import cache_argument, encode_prompts_once
@@ -153,6 +160,108 @@ def sample_shared_prefix(
     return result
 
 
+ENGINES = ("shared_prefix", "hf", "continuous_batching")
+HF_CACHES = ("dynamic", "static")
+COMPILE_MODES = ("auto", "true", "false")
+
+
+def _hf_generate(
+    model: PreTrainedModel,
+    encoded: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    eos: list[int],
+    pad_token_id: int,
+    sampling: dict[str, Any],
+    ignore_eos: bool,
+    synced: bool,
+    cache_implementation: str,
+    compile_decoding: str,
+) -> torch.Tensor:
+    """``model.generate`` on every row; returns the response columns ``[N, T]``.
+
+    ``cache_implementation="static"`` preallocates the KV cache for ``prompt + max_new_tokens``
+    positions; transformers then compiles the decoding step itself on GPUs (``compile_decoding``
+    ``auto``), on every device (``true``) or never (``false``).
+    """
+    options: dict[str, Any] = {}
+    if cache_implementation == "static":
+        options["cache_implementation"] = "static"
+    if compile_decoding == "false":
+        options["disable_compile"] = True
+    elif compile_decoding == "true":
+        compile_config = CompileConfig()
+        # transformers compiles only on accelerators unless told to compile on every device.
+        compile_config._compile_all_devices = True
+        options["compile_config"] = compile_config
+    output = model.generate(
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad_token_id,
+        min_new_tokens=max_new_tokens if ignore_eos else None,
+        synced_gpus=synced,
+        **sampling,
+        **options,
+    )
+    return output[:, encoded["input_ids"].shape[1]:]
+
+
+def _continuous_batching_generate(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    eos: list[int],
+    pad_token_id: int,
+    sampling: dict[str, Any],
+) -> torch.Tensor:
+    """transformers' continuous batching (``model.generate_batch``, paged KV cache): finished
+    sequences free their cache blocks for waiting ones and a group's completions share their
+    prompt's blocks. Returns ``[U * G, T]`` ids, rows grouped by prompt, padded with
+    ``pad_token_id``. The sampling seed is drawn from the global torch RNG, so seeding that RNG
+    makes the engine reproducible."""
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    greedy = not sampling.get("do_sample", False)
+    # Greedy decoding is deterministic: G copies of the prompt; sampling forks G children instead.
+    inputs = [p for p in prompts for _ in range(group_size)] if greedy else prompts
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id,
+        num_return_sequences=1 if greedy else group_size, **sampling,
+    )
+    # Size the paged cache to this rollout. Left to itself transformers sizes it from the free
+    # memory of the device (on a CPU: the machine's RAM, which took 10 s per call here).
+    page_size = 32
+    pages_per_row = -(-(max(len(p) for p in prompts) + max_new_tokens) // page_size)
+    config = ContinuousBatchingConfig(
+        seed=int(torch.randint(0, 2**31 - 1, (1,))),
+        page_size=page_size,
+        num_blocks=pages_per_row * len(prompts) * group_size,
+        max_batch_tokens=sum(len(p) for p in inputs) + len(prompts) * group_size,
+    )
+    rng_state = torch.get_rng_state()  # generate_batch reseeds the global RNG from the seed
+    try:
+        outputs = model.generate_batch(
+            inputs=inputs, generation_config=generation_config, continuous_batching_config=config,
+            progress_bar=False, warmup=prompt_ids.device.type == "cuda",  # warm-up captures CUDA graphs
+        )
+    finally:
+        torch.set_rng_state(rng_state)
+    results = list(outputs.values())
+    failed = [r.request_id for r in results if r.error is not None]
+    if len(results) != len(prompts) * group_size or failed:
+        raise RuntimeError(
+            f"rollout.engine=continuous_batching returned {len(results)} of {len(prompts) * group_size} "
+            f"completions (failed: {failed or 'none'}); see transformers' log above, or use "
+            "rollout.engine=shared_prefix"
+        )
+    rows = torch.full((len(results), max_new_tokens), pad_token_id, dtype=torch.long)
+    for i, result in enumerate(results):
+        tokens = result.generated_tokens[:max_new_tokens]
+        rows[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return rows.to(prompt_ids.device)
+
+
 @torch.no_grad()
 def generate_rollout(
     model: PreTrainedModel,
@@ -167,50 +276,66 @@ def generate_rollout(
     engine: str = "shared_prefix",
     ignore_eos: bool = False,
     synced: bool = False,
+    cache_implementation: str = "dynamic",
+    compile_decoding: str = "auto",
+    pad_prompts_to_multiple_of: int | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for every prompt (rows grouped by prompt).
 
     ``engine``: ``shared_prefix`` (``sample_shared_prefix``: one prefill per prompt, finished
-    rows leave the batch) or ``hf`` (``model.generate`` on every row). Sampling uses the global
-    torch RNG; the caller seeds it per step for reproducibility. ``ignore_eos`` forces every
-    response to ``max_new_tokens`` tokens; ``synced`` keeps FSDP ranks decoding in lock-step
-    (see ``sample_shared_prefix``).
+    rows leave the batch), ``hf`` (``model.generate`` on every row, with a ``dynamic`` or
+    ``static`` KV cache and ``compile_decoding`` ``auto``/``true``/``false``, see
+    ``_hf_generate``) or ``continuous_batching`` (``model.generate_batch``). Sampling uses the
+    global torch RNG; the caller seeds it per step for reproducibility. ``ignore_eos`` forces
+    every response to ``max_new_tokens`` tokens; ``synced`` keeps FSDP ranks decoding in
+    lock-step (see ``sample_shared_prefix``). ``pad_prompts_to_multiple_of`` left-pads the
+    prompt batch to a multiple of that many tokens (fewer distinct shapes to compile).
     """
-    if engine not in ("shared_prefix", "hf"):
-        raise ValueError(f"rollout.engine={engine!r} is unknown; use 'shared_prefix' or 'hf'")
+    if engine not in ENGINES:
+        raise ValueError(f"rollout.engine={engine!r} is unknown; use one of {', '.join(ENGINES)}")
+    if cache_implementation not in HF_CACHES:
+        raise ValueError(f"rollout.hf_cache={cache_implementation!r} is unknown; use one of {', '.join(HF_CACHES)}")
+    compile_decoding = str(compile_decoding).lower()
+    if compile_decoding not in COMPILE_MODES:
+        raise ValueError(f"rollout.compile_decoding={compile_decoding!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
+    if engine == "continuous_batching" and ignore_eos:
+        raise ValueError(
+            "rollout.ignore_eos=true is not supported by rollout.engine=continuous_batching "
+            "(transformers' continuous batching drops min_new_tokens); use shared_prefix or hf"
+        )
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(group_size)]
     encoded = tokenizer(
-        prompts if engine == "shared_prefix" else repeated,
+        repeated if engine == "hf" else prompts,
         return_tensors="pt",
         padding=True,
         add_special_tokens=False,
         truncation=max_prompt_tokens is not None,
         max_length=max_prompt_tokens,
+        pad_to_multiple_of=pad_prompts_to_multiple_of,
     ).to(device)
     was_training = model.training
     model.eval()
     eos = eos_token_ids(model, tokenizer)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
-    if engine == "shared_prefix":
-        response_ids = sample_shared_prefix(
-            model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos,
-            tokenizer.pad_token_id, temperature, top_p, greedy, ignore_eos, synced,
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if engine == "hf":
+        response_ids = _hf_generate(
+            model, encoded, max_new_tokens, eos, tokenizer.pad_token_id, sampling, ignore_eos, synced,
+            cache_implementation, compile_decoding,
         )
+    else:
+        if engine == "shared_prefix":
+            response_ids = sample_shared_prefix(
+                model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos,
+                tokenizer.pad_token_id, temperature, top_p, greedy, ignore_eos, synced,
+            )
+        else:
+            response_ids = _continuous_batching_generate(
+                model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos, tokenizer.pad_token_id, sampling,
+            )
         prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
         prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
-    else:
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            min_new_tokens=max_new_tokens if ignore_eos else None,
-            synced_gpus=synced,
-            **sampling,
-        )
-        response_ids = output[:, prompt_ids.shape[1]:]
     model.train(was_training)
     if response_ids.shape[1] == 0:  # nothing generated at all: keep one padded column
         response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, device=device)

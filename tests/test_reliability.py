@@ -154,6 +154,10 @@ BAD_VALUES = [
     ("rollout.max_prompt_tokens=0", ["rollout.max_prompt_tokens=0", ">= 1"]),
     ("rollout.overlong_prompts=cut", ["rollout.overlong_prompts='cut'", "drop, truncate"]),
     ("rollout.group_size=two", ["rollout.group_size='two'", "an integer >= 1"]),
+    ("rollout.engine=vllm", ["rollout.engine='vllm'", "shared_prefix, hf, continuous_batching"]),
+    ("rollout.hf_cache=paged", ["rollout.hf_cache='paged'", "dynamic, static"]),
+    ("rollout.compile_decoding=maybe", ["rollout.compile_decoding='maybe'", "auto, true, false"]),
+    ("rollout.pad_prompts_to_multiple_of=0", ["rollout.pad_prompts_to_multiple_of=0", ">= 1"]),
     ("objective.name=nope", ["objective.name='nope'", "grpo", "ce_gppo"]),
     ("objective.advantage=mean", ["objective.advantage='mean'", "grpo, dr_grpo"]),
     ("optim.lr=0", ["optim.lr=0", "> 0"]),
@@ -178,6 +182,16 @@ def test_invalid_value_names_the_field_and_the_allowed_range(override: str, frag
         validate_config(compose_config(TINY_OVERRIDES + [override]))
     for fragment in fragments:
         assert fragment in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["rollout.ignore_eos=true"], "drops min_new_tokens"),
+    (["trainer=fsdp"], "cannot run under FSDP"),
+])
+def test_continuous_batching_rejects_what_it_cannot_do(extra: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment) as error:
+        validate_config(compose_config(TINY_OVERRIDES + ["rollout.engine=continuous_batching"] + extra))
+    assert "rollout.engine=shared_prefix" in str(error.value)
 
 
 def test_shipped_configs_are_valid() -> None:

@@ -132,3 +132,51 @@ def test_ignore_eos_forces_every_response_to_the_full_length(tiny, engine: str) 
         model.generation_config.eos_token_id = original
     assert free.response_lengths.float().mean() < 6
     assert forced.response_lengths.tolist() == [12] * 8 and bool(forced.truncated.all())
+
+
+@pytest.mark.parametrize("engine,options", [
+    ("hf", {"cache_implementation": "static"}),
+    ("hf", {"cache_implementation": "static", "pad_prompts_to_multiple_of": 16}),
+    ("continuous_batching", {}),
+])
+def test_other_engines_match_shared_prefix_when_greedy(tiny, engine: str, options: dict) -> None:
+    model, tokenizer = tiny
+    ours = generate_rollout(model, tokenizer, PROMPTS, 3, 10, greedy=True, engine="shared_prefix")
+    other = generate_rollout(model, tokenizer, PROMPTS, 3, 10, greedy=True, engine=engine, **options)
+    assert other.completions == ours.completions
+    assert torch.equal(other.input_ids[:, -other.response_length:], ours.input_ids[:, -ours.response_length:])
+    assert torch.equal(other.response_mask, ours.response_mask)
+
+
+def test_continuous_batching_samples_groups_reproducibly(tiny) -> None:
+    model, tokenizer = tiny
+    torch.manual_seed(3)
+    first = generate_rollout(model, tokenizer, PROMPTS, 4, 12, engine="continuous_batching")
+    after_first = torch.rand(1)
+    torch.manual_seed(3)
+    second = generate_rollout(model, tokenizer, PROMPTS, 4, 12, engine="continuous_batching")
+    assert first.completions == second.completions
+    # The engine draws its seed from the global RNG and leaves the RNG as a plain draw would.
+    assert torch.equal(torch.rand(1), after_first)
+    assert first.prompts == [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
+    # Sampling at temperature 1 from a random model: a group's completions differ.
+    assert len(set(first.completions[:4])) > 1
+    prompt_width = first.input_ids.shape[1] - first.response_length
+    encoded = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    assert first.input_ids[4, prompt_width - len(encoded):prompt_width].tolist() == encoded
+    valid = first.response_mask.bool()
+    assert int(valid.sum()) == int(first.response_lengths.sum())
+
+
+def test_compiled_static_decoding_matches_eager_on_cpu(tiny) -> None:
+    """``compile_decoding=true`` compiles transformers' decoding step even on CPU (on GPUs
+    ``auto`` already does): the same greedy tokens as the eager dynamic cache."""
+    model, tokenizer = tiny
+    eager = generate_rollout(model, tokenizer, PROMPTS, 2, 6, greedy=True, engine="hf")
+    captured = torch._dynamo.utils.counters["stats"]["calls_captured"]
+    compiled = generate_rollout(
+        model, tokenizer, PROMPTS, 2, 6, greedy=True, engine="hf",
+        cache_implementation="static", compile_decoding="true",
+    )
+    assert compiled.completions == eager.completions
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > captured  # dynamo traced the decode step

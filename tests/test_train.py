@@ -84,3 +84,14 @@ def test_multirun_sweeps_two_objectives(tmp_path: Path) -> None:
     assert runs == ["0_grpo", "1_dapo"]
     for name in runs:
         assert "reward/mean" in read_scalars(sweep / name)
+
+
+@pytest.mark.parametrize("engine", [
+    ["rollout.engine=continuous_batching"],
+    ["rollout.engine=hf", "rollout.hf_cache=static", "rollout.pad_prompts_to_multiple_of=8"],
+])
+def test_training_runs_on_the_other_rollout_engines(tiny_config, tmp_path: Path, engine: list[str]) -> None:
+    run(tiny_config("trainer.max_steps=1", "validate_before_training=false", *engine), run_dir=tmp_path / "run")
+    scalars = read_scalars(tmp_path / "run")
+    assert [step for step, _ in scalars["reward/mean"]] == [0]
+    assert scalars["length/response_mean"][0][1] > 0
