@@ -221,7 +221,7 @@ def _continuous_batching_generate(
     prompt's blocks. Returns ``[U * G, T]`` ids, rows grouped by prompt, padded with
     ``pad_token_id``. The sampling seed is drawn from the global torch RNG, so seeding that RNG
     makes the engine reproducible."""
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
     greedy = not sampling.get("do_sample", False)
     # Greedy decoding is deterministic: G copies of the prompt; sampling forks G children instead.
     inputs = [p for p in prompts for _ in range(group_size)] if greedy else prompts
