@@ -144,6 +144,8 @@ def _validate_objective(cfg: DictConfig) -> None:
 
 
 def _validate_rollout(cfg: DictConfig) -> None:
+    if _get(cfg, "malloc_threshold_mib", None) is not None:
+        _number(cfg, "malloc_threshold_mib", "[1, 2047]", integer=True)
     for field in ("prompts_per_step", "group_size", "max_new_tokens", "max_tokens_per_micro_batch"):
         _number(cfg, f"rollout.{field}", ">= 1", integer=True)
     for field in ("epochs", "mini_batches"):

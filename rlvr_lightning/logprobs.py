@@ -30,7 +30,9 @@ def logprobs_and_entropy_from_logits(
     """
     logp_chunks, entropy_chunks = [], []
     for start in range(0, logits.shape[0], chunk_rows):
-        z = logits[start : start + chunk_rows].float() / temperature
+        z = logits[start : start + chunk_rows].float()
+        if temperature != 1.0:
+            z = z / temperature
         log_norm = torch.logsumexp(z, dim=-1)
         target_logits = z.gather(-1, targets[start : start + chunk_rows].unsqueeze(-1)).squeeze(-1)
         logp_chunks.append(target_logits - log_norm)
@@ -40,8 +42,12 @@ def logprobs_and_entropy_from_logits(
                 entropy_chunks.append(log_norm - (probs * z).sum(-1))
             else:
                 with torch.no_grad():
-                    probs = torch.softmax(z, dim=-1)
-                    entropy_chunks.append(log_norm.detach() - (probs * z).sum(-1))
+                    # softmax from the log-normaliser already at hand (one exp pass, in place),
+                    # and sum_v p_v z_v as a batched dot product (no [rows, length, V] product).
+                    probs = (z - log_norm.unsqueeze(-1)).exp_()
+                    expected = (probs.unsqueeze(-2) @ z.unsqueeze(-1)).view(log_norm.shape)
+                    entropy_chunks.append(log_norm.detach() - expected)
+                    del probs
         del z
     logp = torch.cat(logp_chunks)
     entropy = torch.cat(entropy_chunks) if with_entropy else None

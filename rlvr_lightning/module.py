@@ -479,7 +479,7 @@ class RLVRModule(pl.LightningModule):
         A group costs its prompt once plus ``G`` padded responses when prompts are shared
         (``rollout.share_prompt_forward``), else ``G`` padded rows; groups are taken longest first.
         """
-        budget = int(self.rollout_cfg.get("max_tokens_per_micro_batch", 2048))
+        budget = int(self.rollout_cfg.get("max_tokens_per_micro_batch", 1024))
         shared = bool(self.rollout_cfg.get("share_prompt_forward", True))
         size = rollout.group_size
         prompt_lengths = (rollout.attention_mask.sum(-1) - rollout.response_lengths).view(-1, size)[:, 0].cpu()

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from rlvr_lightning.allocator import keep_freed_memory
 from rlvr_lightning.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_fits,
@@ -44,6 +45,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.LightningDataModule]:
     """Instantiate the trainer, the module and the data module from a composed config."""
     validate_config(cfg)
+    keep_freed_memory(cfg.get("malloc_threshold_mib"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     objective = container["objective"]

@@ -154,6 +154,7 @@ BAD_VALUES = [
     ("rollout.max_prompt_tokens=0", ["rollout.max_prompt_tokens=0", ">= 1"]),
     ("rollout.overlong_prompts=cut", ["rollout.overlong_prompts='cut'", "drop, truncate"]),
     ("rollout.group_size=two", ["rollout.group_size='two'", "an integer >= 1"]),
+    ("malloc_threshold_mib=0", ["malloc_threshold_mib=0", "in [1, 2047]"]),
     ("rollout.engine=vllm", ["rollout.engine='vllm'", "shared_prefix, hf, continuous_batching"]),
     ("rollout.hf_cache=paged", ["rollout.hf_cache='paged'", "dynamic, static"]),
     ("rollout.compile_decoding=maybe", ["rollout.compile_decoding='maybe'", "auto, true, false"]),

@@ -53,6 +53,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--frameworks", nargs="+", choices=("ours", "trl"), default=["ours", "trl"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for ours (repeatable), e.g. rollout.engine=hf")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -147,6 +149,7 @@ def run_ours(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any
         "validate_before_training=false",
         "logging.sample_every_n_steps=0",
         "checkpoint.save_last=false",
+        *args.override,
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -308,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            for override in args.override:
+                cmd += ["--override", override]
             print(f"[bench] {framework}: {args.warmup} warm-up + {args.steps} timed steps ...", flush=True)
             started = time.perf_counter()
             env = dict(os.environ)
@@ -324,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         f"{args.prompts} prompts x {args.group_size} completions x {args.completion_tokens} tokens, "
         f"{args.warmup} warm-up + {args.steps} timed steps, torch threads {args.threads or 'all cores'}, "
         f"load average before {load_before:.2f}"
+        + (f"; ours with {' '.join(args.override)}" if args.override else "")
     )
     print(header)
     print(format_report(args, results))
