@@ -8,7 +8,12 @@ import torch
 from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
 from rlvr_lightning.logprobs import logprobs_and_entropy_from_logits, response_logprobs
 from rlvr_lightning.models import build_tiny_model
-from rlvr_lightning.rollout import _sample_next, generate_rollout, response_mask_from_ids
+from rlvr_lightning.rollout import (
+    _draw_categorical,
+    _sample_next,
+    generate_rollout,
+    response_mask_from_ids,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,20 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 never drawn
     assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
     assert _sample_next(logits[:1], 1.0, 1.0, greedy=True).item() == 0
+
+
+def test_categorical_draws_follow_the_weights_and_skip_zero_weight() -> None:
+    torch.manual_seed(0)
+    weights = torch.tensor([0.0, 1e-3, 0.25, 0.0, 0.749, 0.0])
+    draws = _draw_categorical(weights.expand(200_000, -1)).squeeze(-1)
+    counts = torch.bincount(draws, minlength=6).double()
+    expected = 200_000 * weights.double() / weights.sum()
+    assert counts[weights == 0].sum() == 0
+    # Each count within 5 standard deviations of its binomial mean.
+    sd = (expected * (1 - expected / 200_000)).sqrt()
+    assert bool(((counts - expected).abs() <= 5 * sd + 1e-9).all()), (counts, expected)
+    # Unnormalised weights and rows with a single non-zero entry.
+    assert _draw_categorical(torch.tensor([[0.0, 0.0, 7.0], [3.0, 0.0, 0.0]])).view(-1).tolist() == [2, 0]
 
 
 def test_chunked_logprobs_and_entropy_match_direct_formula() -> None:
