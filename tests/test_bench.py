@@ -23,6 +23,8 @@ def test_bench_runs_every_framework_on_the_same_forced_length_work(tmp_path: Pat
         "--model", str(tmp_path / "model"), "--prompts", "2", "--group-size", "2",
         "--completion-tokens", "5", "--steps", "1", "--warmup", "1", "--threads", "1",
         "--frameworks", *FRAMEWORKS, "--out", str(out),
+        # ours on transformers' generate with a static KV cache: forced lengths must hold there too
+        "--override", "rollout.engine=hf", "--override", "rollout.hf_cache=static",
     ])
     assert sorted(results) == sorted(FRAMEWORKS) and out.is_file()
     for result in results.values():
@@ -30,3 +32,4 @@ def test_bench_runs_every_framework_on_the_same_forced_length_work(tmp_path: Pat
         assert result["step_seconds"] > 0 and result["peak_memory_gib"] > 0
         assert result["mean_completion_length"] and set(result["mean_completion_length"]) == {5.0}
     assert set(results["ours"]["stage_seconds"]) >= {"generate", "update", "step"}
+    assert results["ours"]["overrides"] == ["rollout.engine=hf", "rollout.hf_cache=static"]

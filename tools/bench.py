@@ -178,7 +178,8 @@ def run_ours(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any
         for stage in (*STAGES, "step")
     }
     lengths = [m["length/response_mean"] for m in logged]
-    return summarise(args, step_ends, {"stage_seconds": stages, "mean_completion_length": lengths})
+    extra = {"stage_seconds": stages, "mean_completion_length": lengths, "overrides": list(args.override)}
+    return summarise(args, step_ends, extra)
 
 
 # ----------------------------------------------------------------------------- TRL
