@@ -11,13 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    CompileConfig,
-    ContinuousBatchingConfig,
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr_lightning.distributed import all_ranks
 from rlvr_lightning.logprobs import cache_argument, encode_prompts_once
@@ -206,6 +200,8 @@ def _hf_generate(
     if compile_decoding == "false":
         options["disable_compile"] = True
     elif compile_decoding == "true":
+        from transformers import CompileConfig
+
         compile_config = CompileConfig()
         # transformers compiles only on accelerators unless told to compile on every device.
         compile_config._compile_all_devices = True
@@ -238,6 +234,16 @@ def _continuous_batching_generate(
     prompt's blocks. Returns ``[U * G, T]`` ids, rows grouped by prompt, padded with
     ``pad_token_id``. The sampling seed is drawn from the global torch RNG, so seeding that RNG
     makes the engine reproducible."""
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError as error:
+        import transformers
+
+        raise ImportError(
+            f"rollout.engine=continuous_batching needs transformers' continuous batching "
+            f"(ContinuousBatchingConfig, generate_batch), which transformers {transformers.__version__} "
+            "lacks: upgrade transformers (5.24 works) or use rollout.engine=shared_prefix"
+        ) from error
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
     greedy = not sampling.get("do_sample", False)
     # Greedy decoding is deterministic: G copies of the prompt; sampling forks G children instead.
@@ -256,14 +262,13 @@ def _continuous_batching_generate(
         num_blocks=pages_per_row * len(prompts) * group_size,
         max_batch_tokens=sum(len(p) for p in inputs) + len(prompts) * group_size,
     )
-    rng_state = torch.get_rng_state()  # generate_batch reseeds the global RNG from the seed
-    try:
+    on_cuda = prompt_ids.device.type == "cuda"
+    # generate_batch reseeds the global RNGs from the seed: leave them as they were.
+    with torch.random.fork_rng(devices=[prompt_ids.device] if on_cuda else []):
         outputs = model.generate_batch(
             inputs=inputs, generation_config=generation_config, continuous_batching_config=config,
-            progress_bar=False, warmup=prompt_ids.device.type == "cuda",  # warm-up captures CUDA graphs
+            progress_bar=False, warmup=on_cuda,  # the warm-up captures CUDA graphs
         )
-    finally:
-        torch.set_rng_state(rng_state)
     results = list(outputs.values())
     failed = [r.request_id for r in results if r.error is not None]
     if len(results) != len(prompts) * group_size or failed:

