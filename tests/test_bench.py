@@ -29,7 +29,7 @@ def test_bench_runs_every_framework_on_the_same_forced_length_work(tmp_path: Pat
         "--random-weights",  # both frameworks get the same seeded random weights of that shape
     ])
     assert sorted(results) == sorted(FRAMEWORKS) and out.is_file()
-    assert "random weights" in json.loads(out.read_text())["setup"]
+    assert "model model shape, seeded random weights" in json.loads(out.read_text())["setup"]
     for result in results.values():
         assert result["completion_tokens_per_step"] == 2 * 2 * 5
         assert result["step_seconds"] > 0 and result["peak_memory_gib"] > 0

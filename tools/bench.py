@@ -317,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     load_before = os.getloadavg()[0]  # other work on the machine skews every number
     with tempfile.TemporaryDirectory(prefix="rlvr_bench_") as tmp:
         work = Path(tmp)
+        model_label = model.name
         if args.random_weights:
+            model_label = f"{model.name} shape, seeded random weights"
             model = random_weights_folder(model, work / "random_model")
         (work / "prompts.json").write_text(json.dumps(prompt_rows(args, model)))
         for framework in args.frameworks:
@@ -343,8 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             results[framework] = json.loads(lines[-1][len(RESULT_MARK) :])
             print(f"[bench] {framework}: done in {time.perf_counter() - started:.0f} s", flush=True)
     header = (
-        f"{datetime.date.today().isoformat()}, {args.mode}, {machine_description(args.mode)}; model {model.name}"
-        f"{' (random weights, shape of ' + str(args.model or 'SmolLM2-135M-Instruct') + ')' if args.random_weights else ''}, "
+        f"{datetime.date.today().isoformat()}, {args.mode}, {machine_description(args.mode)}; model {model_label}, "
         f"{args.prompts} prompts x {args.group_size} completions x {args.completion_tokens} tokens, "
         f"{args.warmup} warm-up + {args.steps} timed steps, torch threads {args.threads or 'all cores'}, "
         f"load average before {load_before:.2f}"
