@@ -90,6 +90,17 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def recomputes_activations(model: nn.Module) -> bool:
+    """Whether a backward through ``model`` recomputes layer activations: Hugging Face gradient
+    checkpointing (``model.gradient_checkpointing``) or torch's checkpoint wrappers (FSDP's
+    ``activation_checkpointing``). Those layers cannot fill a KV cache under autograd (HF turns
+    the cache off; a recomputed layer would append to it twice), so a gradient pass through them
+    encodes each row's prompt itself instead of sharing it (``shared_prefix_response_logprobs``)."""
+    return bool(getattr(model, "is_gradient_checkpointing", False)) or any(
+        type(sub).__name__ == "CheckpointWrapper" for sub in model.modules()
+    )
+
+
 def encode_prompts_once(
     model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int
 ) -> tuple[object, torch.Tensor]:

@@ -35,7 +35,11 @@ from rlvr_lightning.checkpoints import rng_states, set_rng_states
 from rlvr_lightning.control import ControlState
 from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
 from rlvr_lightning.evaluation import default_k_values, majority_vote, pass_at_k
-from rlvr_lightning.logprobs import response_logprobs, shared_prefix_response_logprobs
+from rlvr_lightning.logprobs import (
+    recomputes_activations,
+    response_logprobs,
+    shared_prefix_response_logprobs,
+)
 from rlvr_lightning.metrics import entropy_by_region
 from rlvr_lightning.models import load_model_and_tokenizer
 from rlvr_lightning.objectives import (
@@ -517,7 +521,10 @@ class RLVRModule(pl.LightningModule):
         left = int(prompt_used[0]) if prompt_used.numel() else prompt_length
         used = slice(0, int(rollout.response_lengths[rows].max().clamp_min(1)))
         temperature = float(self.rollout_cfg["temperature"])
-        if self.rollout_cfg.get("share_prompt_forward", True):
+        shared = self.rollout_cfg.get("share_prompt_forward", True)
+        if shared and torch.is_grad_enabled() and recomputes_activations(model):
+            shared = False  # checkpointed layers keep no KV cache under autograd: full rows
+        if shared:
             size = rollout.group_size
             logp, entropy = shared_prefix_response_logprobs(
                 model,

@@ -95,3 +95,41 @@ def test_training_runs_on_the_other_rollout_engines(tiny_config, tmp_path: Path,
     scalars = read_scalars(tmp_path / "run")
     assert [step for step, _ in scalars["reward/mean"]] == [0]
     assert scalars["length/response_mean"][0][1] > 0
+
+
+def test_gradient_checkpointing_trains_like_plain_backward(tiny_config, tmp_path: Path) -> None:
+    """Checkpointed layers keep no KV cache under autograd, so the update pass encodes each row's
+    prompt (as with rollout.share_prompt_forward=false) and reaches the same weights."""
+    import torch
+
+    from rlvr_lightning.logprobs import recomputes_activations
+
+    plain = ("reward.random_reward_probability=0.5", "rollout.share_prompt_forward=false")
+    run(tiny_config(*plain), run_dir=tmp_path / "plain")
+    run(tiny_config(*plain[:1], "model.gradient_checkpointing=true"), run_dir=tmp_path / "checkpointed")
+    weights = [
+        torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for name in ("plain", "checkpointed")
+    ]
+    for key, value in weights[0].items():
+        assert torch.allclose(weights[1][key], value, atol=1e-6), key
+    assert any(not torch.equal(weights[0][k], v) for k, v in _initial_weights().items())
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from rlvr_lightning.models import build_tiny_model
+
+    model, _ = build_tiny_model(seed=0)
+    assert not recomputes_activations(model)
+    model.model.layers[0] = checkpoint_wrapper(model.model.layers[0])  # FSDP's activation checkpointing
+    assert recomputes_activations(model)
+    model, _ = build_tiny_model(seed=0)
+    model.gradient_checkpointing_enable()
+    assert recomputes_activations(model)
+
+
+def _initial_weights() -> dict:
+    from rlvr_lightning.models import build_tiny_model
+
+    model, _ = build_tiny_model(seed=0)
+    return {f"policy.{k}": v for k, v in model.state_dict().items()}
