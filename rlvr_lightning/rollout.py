@@ -145,11 +145,17 @@ def sample_shared_prefix(
     for t in range(max_new_tokens):
         if ignore_eos:
             logits[:, eos] = float("-inf")
-        tokens = _sample_next(logits, temperature, top_p, greedy)
+        if synced:
+            # Finished rows ride along, fed padding; only the others draw, so the random stream
+            # (and the completions) are those of unsynced decoding, which drops finished rows.
+            tokens = torch.full_like(active, pad_token_id)
+            if not finished.all():
+                tokens[~finished] = _sample_next(logits[~finished], temperature, top_p, greedy)
+        else:
+            tokens = _sample_next(logits, temperature, top_p, greedy)
         result[active, t] = tokens
         alive = ~torch.isin(tokens, eos)
         if synced:
-            # Finished rows ride along (tokens after EOS are masked out by the caller).
             finished |= ~alive
             if t == max_new_tokens - 1 or all_ranks(bool(finished.all()), prompt_ids.device):
                 break

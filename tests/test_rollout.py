@@ -36,6 +36,27 @@ def test_shared_prefix_engine_matches_generate_when_greedy(tiny) -> None:
     assert torch.equal(ours.input_ids, reference.input_ids)
 
 
+def test_lock_step_decoding_samples_what_free_decoding_samples(tiny) -> None:
+    """``synced`` (FSDP) keeps finished rows in the batch, but only unfinished rows draw, so a
+    seed gives the same completions as decoding that drops finished rows (FSDP runs = DDP runs)."""
+    from rlvr_lightning.rollout import sample_shared_prefix
+
+    model, tokenizer = tiny
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    # Half the vocabulary ends a response: rows finish at different steps.
+    eos = list(range(0, len(tokenizer), 2))
+    outputs = []
+    for synced in (False, True):
+        torch.manual_seed(3)
+        outputs.append(sample_shared_prefix(
+            model, encoded["input_ids"], encoded["attention_mask"], group_size=4, max_new_tokens=8,
+            eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, temperature=1.3, synced=synced,
+        ))
+    lengths = response_mask_from_ids(outputs[0], eos)[0].sum(-1)
+    assert len(set(lengths.tolist())) > 2  # rows did finish at different steps
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_rollout_layout_groups_and_masks(tiny) -> None:
     model, tokenizer = tiny
     torch.manual_seed(0)
