@@ -96,8 +96,9 @@ def recomputes_activations(model: nn.Module) -> bool:
     ``activation_checkpointing``). Those layers cannot fill a KV cache under autograd (HF turns
     the cache off; a recomputed layer would append to it twice), so a gradient pass through them
     encodes each row's prompt itself instead of sharing it (``shared_prefix_response_logprobs``)."""
-    return bool(getattr(model, "is_gradient_checkpointing", False)) or any(
-        type(sub).__name__ == "CheckpointWrapper" for sub in model.modules()
+    return any(
+        getattr(sub, "gradient_checkpointing", False) is True or type(sub).__name__ == "CheckpointWrapper"
+        for sub in model.modules()
     )
 
 

@@ -106,7 +106,12 @@ class RLVRModule(pl.LightningModule):
         self.policy, self.tokenizer = load_model_and_tokenizer(**model, seed=seed)
         if gradient_checkpointing:
             # Recompute activations in the backward pass: less memory, about a third more time.
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+            enable = getattr(self.policy, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.train()
         self.ref_policy = None
         if self.objective_params.kl_coef > 0:

@@ -124,7 +124,7 @@ def test_gradient_checkpointing_trains_like_plain_backward(tiny_config, tmp_path
     model.model.layers[0] = checkpoint_wrapper(model.model.layers[0])  # FSDP's activation checkpointing
     assert recomputes_activations(model)
     model, _ = build_tiny_model(seed=0)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()  # HF's (gradient_checkpointing_enable before transformers 5)
     assert recomputes_activations(model)
 
 
