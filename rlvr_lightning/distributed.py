@@ -14,17 +14,23 @@ rank-local. What needs the other ranks:
 - the gradient norm under FSDP, whose gradients are shards (``clip_grad_norm``),
 - the logged training scalars: the mean over ranks (``mean_across_ranks``).
 
+Two sharded strategies: ``fsdp_strategy`` (Lightning's ``FSDPStrategy``, torch's FSDP1
+wrappers; GPUs only) and ``FSDP2Strategy`` (Lightning's ``ModelParallelStrategy`` with torch's
+``fully_shard``, FSDP2; GPUs, and CPUs over gloo, which is how the test suite runs it).
+
 Every helper is the identity when ``torch.distributed`` is not initialised (one process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 
@@ -116,13 +122,18 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float, sharded:
     parameters = [p for p in parameters if p.grad is not None]
     squared = torch.zeros(1, device=device, dtype=torch.float32)
     for p in parameters:
-        squared += p.grad.detach().float().pow(2).sum()
+        squared += _local(p.grad).detach().float().pow(2).sum()
     total = _all_reduce(squared, dist.ReduceOp.SUM).sqrt()[0]
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     if torch.isfinite(total):
         for p in parameters:
             p.grad.mul_(scale.to(p.grad.dtype))
     return total
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard: the local tensor of an FSDP2 ``DTensor``, the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _layer_name_matches(module: nn.Module, names: frozenset[str]) -> bool:
@@ -149,3 +160,106 @@ def fsdp_strategy(
         sharding_strategy=sharding_strategy,
         **kwargs,
     )
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2: every rank holds a shard of each parameter, gradient and optimizer state
+    (``torch.distributed.fsdp.fully_shard`` over all ranks), on GPUs (nccl) or CPUs (gloo).
+
+    Each module whose class name is in ``layer_class_names`` (the decoder layers) becomes one
+    FSDP unit, gathered for its forward and backward; the rest of the model (embeddings, final
+    norm, LM head) is the root unit. The policy and, when the objective has a KL term, the frozen
+    reference policy are sharded alike. ``mixed_precision="bf16"`` computes and gathers in
+    bfloat16 and reduces gradients in float32 over float32 master shards (use it with trainer
+    precision ``32-true``); null keeps everything in the parameters' dtype.
+    ``reshard_after_forward=false`` keeps the decoder layers gathered from the forward to the
+    backward (ZeRO-2 like: faster, more memory). ``save_distributed_checkpoint=true`` writes one
+    file per rank (a folder) instead of one checkpoint gathered on rank 0.
+    ``gather_for_rollout=true`` gathers the whole model once for each gradient-free stage of a
+    step (generation, the old and reference log-prob passes, validation; ``gathered``), so those
+    forwards need no communication and each rank stops when its own rows are done; false keeps
+    it sharded (least memory): decoding in lock-step, one gather per layer and token.
+
+    Lightning calls the module's ``configure_model`` hook, which calls ``shard``.
+    """
+
+    def __init__(
+        self,
+        layer_class_names: Sequence[str] = ("LlamaDecoderLayer",),
+        mixed_precision: str | None = None,
+        reshard_after_forward: bool = True,
+        gather_for_rollout: bool = True,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(
+                f"trainer.strategy.mixed_precision={mixed_precision!r} is unknown; use bf16 or null (the parameters' dtype)"
+            )
+        # One data-parallel dimension over every rank; no tensor parallelism.
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            **kwargs,
+        )
+        self.layer_class_names = tuple(layer_class_names)
+        self.mixed_precision = mixed_precision
+        self.reshard_after_forward = bool(reshard_after_forward)
+        self.gather_for_rollout = bool(gather_for_rollout)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def shard(self, models: Iterable[nn.Module]) -> None:
+        """Apply ``fully_shard`` to each model's decoder layers, then to the model itself.
+        A model already sharded (``configure_model`` runs once per ``fit``/``validate``) is left as is."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.mixed_precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
+        names = frozenset(self.layer_class_names)
+        for model in models:
+            if is_sharded(model):
+                continue
+            layers = [sub for sub in model.modules() if _layer_name_matches(sub, names)]
+            if not layers:
+                found = sorted({type(sub).__name__ for sub in model.modules() if "Layer" in type(sub).__name__})
+                raise ValueError(
+                    f"trainer.strategy.layer_class_names={list(self.layer_class_names)} matches no module of "
+                    f"{type(model).__name__}; set it to the class name of the model's decoder layers "
+                    f"(classes here with 'Layer' in their name: {found or 'none'})"
+                )
+            for layer in layers:
+                fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            # The root (embeddings, norm, head) stays gathered after its forward: the backward
+            # needs it at once (torch's default for the root).
+            fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module) -> Iterator[bool]:
+        """With ``gather_for_rollout``, every FSDP unit of ``model`` all-gathered once and kept
+        whole inside the block (forwards then need no communication, so ranks need not decode
+        in lock-step); yields whether it did. Sharded again on exit."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [sub for sub in model.modules() if isinstance(sub, FSDPModule)]
+        if not (self.gather_for_rollout and units):
+            yield False
+            return
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield True
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(unit is not model and self.reshard_after_forward, recurse=False)

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,12 @@ class RLVRModule(pl.LightningModule):
             )
 
     # ------------------------------------------------------------------ Lightning plumbing
+
+    def configure_model(self) -> None:
+        # FSDP2 (trainer=fsdp2) shards the policy and the reference policy here; other
+        # strategies have nothing to do (DDP wraps, FSDP1 wraps by its auto-wrap policy).
+        if isinstance(self.trainer.strategy, distributed.FSDP2Strategy):
+            self.trainer.strategy.shard([m for m in (self.policy, self.ref_policy) if m is not None])
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
@@ -368,6 +374,21 @@ class RLVRModule(pl.LightningModule):
     def _generate(
         self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False, temperature: float | None = None
     ) -> Rollout:
+        # FSDP2 with gather_for_rollout: the policy is gathered once, decoding is rank-local.
+        with self._gathered(self.policy) as gathered:
+            return self._generate_with(rows, group_size, greedy, temperature, synced=not gathered)
+
+    def _gathered(self, model: torch.nn.Module) -> AbstractContextManager[bool]:
+        """``FSDP2Strategy.gathered`` under trainer=fsdp2 (whole model gathered for the block,
+        when ``gather_for_rollout``), else a block that yields False."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, distributed.FSDP2Strategy):
+            return strategy.gathered(model)
+        return _not_gathered(model)
+
+    def _generate_with(
+        self, rows: list[dict[str, Any]], group_size: int, greedy: bool, temperature: float | None, synced: bool
+    ) -> Rollout:
         cfg = self.rollout_cfg
         return generate_rollout(
             self.policy,
@@ -381,7 +402,7 @@ class RLVRModule(pl.LightningModule):
             max_prompt_tokens=cfg.get("max_prompt_tokens"),
             engine=cfg.get("engine", "shared_prefix"),
             ignore_eos=bool(cfg.get("ignore_eos", False)),
-            synced=distributed.needs_synced_forwards(self.policy),
+            synced=synced and distributed.needs_synced_forwards(self.policy),
             cache_implementation=str(cfg.get("hf_cache", "dynamic")),
             compile_decoding=str(cfg.get("compile_decoding", "auto")),
             pad_prompts_to_multiple_of=cfg.get("pad_prompts_to_multiple_of"),
@@ -568,13 +589,14 @@ class RLVRModule(pl.LightningModule):
         was_training = model.training
         model.eval()
         micro_batches = self._micro_batches(torch.arange(n // rollout.group_size), rollout)
-        if distributed.needs_synced_forwards(model):  # FSDP: as many forwards on every rank
-            micro_batches = [rows for rows, _ in distributed.equal_micro_batches(micro_batches, self.device)]
-        for rows in micro_batches:
-            logp, entropy, used = self._forward_logprobs(model, rollout, rows, with_entropy)
-            logp_all[rows.to(logp_all.device), used] = logp
-            if entropy is not None:
-                entropy_all[rows.to(logp_all.device), used] = entropy
+        with self._gathered(model) as gathered:
+            if not gathered and distributed.needs_synced_forwards(model):  # FSDP: as many forwards on every rank
+                micro_batches = [rows for rows, _ in distributed.equal_micro_batches(micro_batches, self.device)]
+            for rows in micro_batches:
+                logp, entropy, used = self._forward_logprobs(model, rollout, rows, with_entropy)
+                logp_all[rows.to(logp_all.device), used] = logp
+                if entropy is not None:
+                    entropy_all[rows.to(logp_all.device), used] = entropy
         model.train(was_training)
         rollout.data[logp_key] = logp_all * rollout.response_mask
         if entropy_key is not None:
@@ -769,6 +791,11 @@ class RLVRModule(pl.LightningModule):
             meter.reset()
         self._log_at_step(metrics, self.global_step)
         self.log("val/accuracy", metrics["val/accuracy"], prog_bar=True, logger=False)
+
+
+@contextmanager
+def _not_gathered(model: torch.nn.Module) -> Iterator[bool]:
+    yield False
 
 
 def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:

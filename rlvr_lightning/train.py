@@ -42,6 +42,12 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.get("run_dir") or "outputs/runs/unnamed")
 
 
+def say(trainer: pl.Trainer, message: str) -> None:
+    """Print once per run: on rank 0 (every rank runs this script under DDP/FSDP)."""
+    if trainer.is_global_zero:
+        print(f"[rlvr_lightning] {message}")
+
+
 def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.LightningDataModule]:
     """Instantiate the trainer, the module and the data module from a composed config."""
     validate_config(cfg)
@@ -104,12 +110,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.validate_before_training and not cfg.ckpt_path and datamodule.val_rows:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        print(f"[rlvr_lightning] held-out accuracy before training: {float(trainer.callback_metrics['val/accuracy']):.3f}")
+        say(trainer, f"held-out accuracy before training: {float(trainer.callback_metrics['val/accuracy']):.3f}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if "val/accuracy" in metrics:
-        print(f"[rlvr_lightning] held-out accuracy after training: {metrics['val/accuracy']:.3f}")
-    print(f"[rlvr_lightning] run directory: {run_dir.resolve()}")
+        say(trainer, f"held-out accuracy after training: {metrics['val/accuracy']:.3f}")
+    say(trainer, f"run directory: {run_dir.resolve()}")
     return metrics
 
 

@@ -4,8 +4,12 @@ The unit checks run the pieces a DDP step is made of on two ranks and compare th
 process over the whole batch: the step's prompts split between ranks, group advantages, the
 token-mean loss normalised by the global token count and scaled by the world size, gradients
 averaged like DDP does (with a rank that has fewer micro-batches), the sharded gradient norm,
-and the mean of the logged scalars. The end-to-end check trains the tiny model with
-``trainer=ddp`` (two processes) through the real entry point.
+and the mean of the logged scalars. FSDP2 (``trainer=fsdp2``, torch's ``fully_shard``) runs on
+gloo too: its sharding of the tiny model is checked against the unsharded model (logits,
+averaged gradients, the global gradient norm of DTensor shards). The end-to-end checks train
+the tiny model through the real entry point with ``trainer=ddp`` and ``trainer=fsdp2`` (two
+processes each): FSDP2 must reach DDP's weights and scalars, and resume exactly from its
+sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -202,6 +206,86 @@ def test_synced_generation_keeps_ranks_in_lock_step(tmp_path: Path) -> None:
     mp.spawn(_synced_generation_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
 
 
+def _fsdp2_worker(rank: int, init_file: str) -> None:
+    """FSDP2Strategy.shard on two ranks: each holds half of every parameter, the forward equals
+    the unsharded model's, gradients are averaged over ranks (like DDP), the global norm of the
+    DTensor shards is the norm of the full gradient, and ``gathered`` makes forwards rank-local."""
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from rlvr_lightning.models import build_tiny_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    try:
+        strategy = distributed.FSDP2Strategy(layer_class_names=["LlamaDecoderLayer"])
+        strategy._device_mesh = init_device_mesh(
+            "cpu", (WORLD, 1), mesh_dim_names=("data_parallel", "tensor_parallel")
+        )
+        model, tokenizer = build_tiny_model(seed=0)
+        reference, _ = build_tiny_model(seed=0)
+        wrong = distributed.FSDP2Strategy(layer_class_names=["Qwen2DecoderLayer"])
+        wrong._device_mesh = strategy._device_mesh
+        with pytest.raises(ValueError, match=r"matches no module of LlamaForCausalLM.*\['LlamaDecoderLayer'\]"):
+            wrong.shard([model])
+        strategy.shard([model])
+        strategy.shard([model])  # configure_model runs again for fit after validate: a no-op
+        assert distributed.is_sharded(model) and distributed.needs_synced_forwards(model)
+        for (name, param), full in zip(model.named_parameters(), reference.parameters(), strict=True):
+            assert type(param).__name__ == "DTensor", name
+            first = -(-full.shape[0] // WORLD)  # dim-0 shards: rank 0 gets the rounded-up half
+            assert param.to_local().shape[0] == (first, full.shape[0] - first)[rank], name
+
+        encoded = tokenizer(["<|im_start|>user\n1 + 2?", "<|im_start|>user\n3 + 4 + 5?"], return_tensors="pt", padding=True)
+        rank_rows = slice(rank, rank + 1)  # each rank its own row
+        logits = model(input_ids=encoded["input_ids"][rank_rows], attention_mask=encoded["attention_mask"][rank_rows]).logits
+        expected = reference(input_ids=encoded["input_ids"][rank_rows], attention_mask=encoded["attention_mask"][rank_rows]).logits
+        assert torch.equal(logits.detach(), expected.detach())
+
+        logits.float().square().mean().backward()
+        # The reference: the mean of both ranks' losses, as FSDP averages gradients over ranks.
+        sum(
+            reference(input_ids=encoded["input_ids"][r : r + 1], attention_mask=encoded["attention_mask"][r : r + 1])
+            .logits.float().square().mean()
+            for r in range(WORLD)
+        ).div(WORLD).backward()
+        for (name, param), full in zip(model.named_parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(param.grad.full_tensor(), full.grad, atol=1e-6), name
+        full_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm()
+        norm = distributed.clip_grad_norm(model.parameters(), max_norm=1e9, sharded=True)
+        assert torch.allclose(norm, full_norm, rtol=1e-5), (norm, full_norm)
+
+        # gather_for_rollout: the whole model gathered once; forwards then need no other rank
+        # (rank 1 runs three, rank 0 one: in lock-step mode that would hang), sharded on exit.
+        with strategy.gathered(model) as gathered:
+            assert gathered
+            weight = model.model.layers[0].mlp.up_proj.weight
+            assert type(weight).__name__ != "DTensor" and weight.shape == reference.model.layers[0].mlp.up_proj.weight.shape
+            with torch.no_grad():
+                for _ in range(1 + 2 * rank):
+                    again = model(input_ids=encoded["input_ids"][rank_rows], attention_mask=encoded["attention_mask"][rank_rows]).logits
+            assert torch.equal(again, expected.detach())
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        dist.barrier()
+        strategy.gather_for_rollout = False
+        with strategy.gathered(model) as gathered:
+            assert not gathered
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_the_model_and_matches_the_unsharded_one(tmp_path: Path) -> None:
+    mp.spawn(_fsdp2_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
+
+
+def test_fsdp2_strategy_rejects_an_unknown_mixed_precision() -> None:
+    with pytest.raises(ValueError, match="mixed_precision='fp16' is unknown; use bf16 or null"):
+        distributed.FSDP2Strategy(mixed_precision="fp16")
+
+
 def test_helpers_are_the_identity_in_one_process() -> None:
     rows = [torch.arange(2), torch.arange(2, 4)]
     assert [w for _, w in distributed.equal_micro_batches(rows)] == [1.0, 1.0]
@@ -230,3 +314,57 @@ def test_ddp_training_with_two_cpu_processes(tmp_path: Path) -> None:
     assert [value for _, value in scalars["sampling/num_sequences"]] == [8.0, 8.0]
     assert [step for step, _ in scalars["val/accuracy"]] == [2]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("rollout.prompts_per_step", "trainer.max_steps"))]
+    cmd = [
+        sys.executable, "-m", "rlvr_lightning.train", *overrides, "rollout.prompts_per_step=4",
+        # Coin-flip rewards: mixed groups (non-zero advantages) on the random tiny model.
+        "reward.random_reward_probability=0.5", "validate_before_training=false", *extra,
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_fsdp2_with_two_cpu_processes_matches_ddp_and_resumes_exactly(tmp_path: Path) -> None:
+    """Same seeds, same data split, same averaged gradients: FSDP2 reaches DDP's weights and
+    logs DDP's scalars (only the layout of parameters differs). Then an FSDP2 run stopped at
+    step 2 with a sharded checkpoint (a folder, one file per rank) resumes to step 3 exactly,
+    decoding in lock-step instead of with the policy gathered."""
+    _train(tmp_path / "ddp", "trainer=ddp", "trainer.max_steps=3")
+    full = _train(tmp_path / "fsdp2", "trainer=fsdp2", "trainer.max_steps=3")
+    assert full.stdout.count("run directory:") == 1  # printed by rank 0 only
+    ddp, fsdp2 = read_scalars(tmp_path / "ddp"), read_scalars(tmp_path / "fsdp2")
+    compared = [tag for tag in ddp if not tag.startswith(("time/", "perf/"))]
+    assert {"reward/mean", "optim/loss", "optim/grad_norm", "entropy/rollout"} <= set(compared)
+    assert any(value != 0 for _, value in ddp["optim/grad_norm"])  # the runs did learn something
+    for tag in compared:
+        assert [s for s, _ in fsdp2[tag]] == [s for s, _ in ddp[tag]], tag
+        assert [v for _, v in fsdp2[tag]] == pytest.approx([v for _, v in ddp[tag]], abs=1e-5), tag
+    weights = {
+        name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for name in ("ddp", "fsdp2")
+    }
+    assert weights["fsdp2"].keys() == weights["ddp"].keys()
+    for key, value in weights["ddp"].items():
+        assert torch.allclose(weights["fsdp2"][key], value, atol=1e-6), key
+
+    # ... and decoding sharded, in lock-step (same samples as with the policy gathered).
+    sharded = (
+        "trainer=fsdp2", "trainer.strategy.save_distributed_checkpoint=true", "trainer.strategy.gather_for_rollout=false"
+    )
+    _train(tmp_path / "first", *sharded, "trainer.max_steps=2")
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2
+    _train(tmp_path / "resumed", *sharded, "trainer.max_steps=3", f"ckpt_path={checkpoint}")
+    resumed = read_scalars(tmp_path / "resumed")
+    for tag in compared:
+        if tag.startswith("val/"):
+            continue
+        assert [s for s, _ in resumed[tag]] == [2], tag
+        assert resumed[tag][0][1] == pytest.approx(fsdp2[tag][2][1], abs=1e-6), tag

@@ -188,6 +188,7 @@ def test_invalid_value_names_the_field_and_the_allowed_range(override: str, frag
 @pytest.mark.parametrize("extra,fragment", [
     (["rollout.ignore_eos=true"], "drops min_new_tokens"),
     (["trainer=fsdp"], "cannot run under FSDP"),
+    (["trainer=fsdp2"], "cannot run under FSDP"),
 ])
 def test_continuous_batching_rejects_what_it_cannot_do(extra: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment) as error:
