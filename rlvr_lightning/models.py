@@ -116,6 +116,19 @@ def apply_lora(
     return model
 
 
+def merge_lora(model: PreTrainedModel) -> PreTrainedModel:
+    """Fold the adapters ``apply_lora`` injected into the weights they adapt (W + B A * alpha/r)
+    and put the plain layers back: the result is the base architecture, loadable without peft."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    return model
+
+
 def _from_pretrained(
     name_or_path: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle_weights: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -335,7 +335,8 @@ def test_fsdp2_with_two_cpu_processes_matches_ddp_and_resumes_exactly(tmp_path: 
     """Same seeds, same data split, same averaged gradients: FSDP2 reaches DDP's weights and
     logs DDP's scalars (only the layout of parameters differs). Then an FSDP2 run stopped at
     step 2 with a sharded checkpoint (a folder, one file per rank) resumes to step 3 exactly,
-    decoding in lock-step instead of with the policy gathered."""
+    decoding in lock-step instead of with the policy gathered, and exports (in one process) to
+    the weights of the uninterrupted run."""
     _train(tmp_path / "ddp", "trainer=ddp", "trainer.max_steps=3")
     full = _train(tmp_path / "fsdp2", "trainer=fsdp2", "trainer.max_steps=3")
     assert full.stdout.count("run directory:") == 1  # printed by rank 0 only
@@ -368,3 +369,13 @@ def test_fsdp2_with_two_cpu_processes_matches_ddp_and_resumes_exactly(tmp_path: 
             continue
         assert [s for s, _ in resumed[tag]] == [2], tag
         assert resumed[tag][0][1] == pytest.approx(fsdp2[tag][2][1], abs=1e-6), tag
+
+    # The sharded checkpoint exports (read in one process) to the weights of the full run.
+    from safetensors.torch import load_file
+
+    from rlvr_lightning.export import export_policy
+
+    exported = load_file(export_policy(tmp_path / "resumed" / "checkpoints" / "last.ckpt", tmp_path / "hf") / "model.safetensors")
+    assert exported
+    for key, value in exported.items():
+        assert torch.allclose(value, weights["fsdp2"][f"policy.{key}"], atol=1e-6), key
