@@ -72,7 +72,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def read_resume_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Load a checkpoint to resume from (tensors memory-mapped, not read) and check that it is
     one rlvr_lightning wrote. Raises FileNotFoundError or CheckpointError with the fix. A sharded
-    FSDP checkpoint (a folder, ``trainer=fsdp trainer.strategy.state_dict_type=sharded``) is left
+    FSDP checkpoint (a folder, ``trainer.strategy.save_distributed_checkpoint=true``) is left
     to Lightning's own loader: None."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():

@@ -14,9 +14,12 @@ rank-local. What needs the other ranks:
 - the gradient norm under FSDP, whose gradients are shards (``clip_grad_norm``),
 - the logged training scalars: the mean over ranks (``mean_across_ranks``).
 
-Two sharded strategies: ``fsdp_strategy`` (Lightning's ``FSDPStrategy``, torch's FSDP1
-wrappers; GPUs only) and ``FSDP2Strategy`` (Lightning's ``ModelParallelStrategy`` with torch's
-``fully_shard``, FSDP2; GPUs, and CPUs over gloo, which is how the test suite runs it).
+Sharding is ``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` with torch's
+``fully_shard`` (FSDP2), on GPUs (nccl) and CPUs (gloo, which is how the test suite runs it).
+Lightning's ``FSDPStrategy`` (torch's FSDP1) is not used: it wraps the LightningModule in a root
+FSDP unit and runs ``training_step`` inside that unit's forward, and a backward pass started
+there fails (``Expects BACKWARD_PRE or BACKWARD_POST state but got HandleTrainingState.FORWARD``),
+while a step here generates and runs several backward passes.
 
 Every helper is the identity when ``torch.distributed`` is not initialised (one process).
 """
@@ -24,7 +27,6 @@ Every helper is the identity when ``torch.distributed`` is not initialised (one 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -138,28 +140,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _layer_name_matches(module: nn.Module, names: frozenset[str]) -> bool:
     return type(module).__name__ in names
-
-
-def fsdp_strategy(
-    layer_class_names: Sequence[str] = ("LlamaDecoderLayer",),
-    activation_checkpointing: bool = False,
-    sharding_strategy: str = "FULL_SHARD",
-    **kwargs: Any,
-):
-    """Lightning ``FSDPStrategy`` that wraps (and optionally checkpoints) every module whose class
-    name is in ``layer_class_names``: the decoder layers of a Hugging Face model, found by name at
-    wrap time, so the config needs no import path (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
-    names = frozenset(layer_class_names)
-    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=functools.partial(_layer_name_matches, names=names))
-    return FSDPStrategy(
-        auto_wrap_policy=policy,
-        activation_checkpointing_policy=policy if activation_checkpointing else None,
-        sharding_strategy=sharding_strategy,
-        **kwargs,
-    )
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -145,7 +145,7 @@ class RLVRModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         # FSDP2 (trainer=fsdp2) shards the policy and the reference policy here; other
-        # strategies have nothing to do (DDP wraps, FSDP1 wraps by its auto-wrap policy).
+        # strategies have nothing to do (DDP wraps the module itself).
         if isinstance(self.trainer.strategy, distributed.FSDP2Strategy):
             self.trainer.strategy.shard([m for m in (self.policy, self.ref_policy) if m is not None])
 

@@ -7,6 +7,7 @@ the last logits of one forward pass (see ``logprobs.response_logprobs``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,16 +213,25 @@ def _hf_generate(
         # transformers compiles only on accelerators unless told to compile on every device.
         compile_config._compile_all_devices = True
         options["compile_config"] = compile_config
-    output = model.generate(
-        **encoded,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad_token_id,
-        min_new_tokens=max_new_tokens if ignore_eos else None,
-        synced_gpus=synced,
-        **sampling,
-        **options,
-    )
+    precision = contextlib.nullcontext()
+    device_type = encoded["input_ids"].device.type
+    if cache_implementation == "static" and torch.is_autocast_enabled(device_type):
+        # Under autocast the keys reach the cache in float32 (rotary embeddings promote them)
+        # and the values in bfloat16, and transformers' static cache (5.17, for one) allocates
+        # both in the keys' dtype, so the first value write fails. Decoding with the static
+        # cache therefore runs in the parameters' dtype.
+        precision = torch.autocast(device_type, enabled=False)
+    with precision:
+        output = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad_token_id,
+            min_new_tokens=max_new_tokens if ignore_eos else None,
+            synced_gpus=synced,
+            **sampling,
+            **options,
+        )
     return output[:, encoded["input_ids"].shape[1]:]
 
 

@@ -220,3 +220,21 @@ def test_compiled_static_decoding_matches_eager_on_cpu(tiny) -> None:
     )
     assert compiled.completions == eager.completions
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] > captured  # dynamo traced the decode step
+
+
+def test_static_cache_decodes_outside_autocast(tiny) -> None:
+    """transformers' static cache (5.17, for one) keeps keys and values in one dtype, which autocast
+    breaks (float32 keys after the rotary embedding, bfloat16 values): static-cache generation
+    runs in the parameters' dtype; the dynamic cache keeps autocast."""
+    model, tokenizer = tiny
+    seen: list[torch.dtype] = []
+    handle = model.model.layers[0].self_attn.v_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    try:
+        for cache in ("static", "dynamic"):
+            seen.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                generate_rollout(model, tokenizer, PROMPTS, 2, 4, greedy=True, engine="hf",
+                                 cache_implementation=cache, compile_decoding="false")
+            assert set(seen) == ({torch.float32} if cache == "static" else {torch.bfloat16}), (cache, set(seen))
+    finally:
+        handle.remove()
