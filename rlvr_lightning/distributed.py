@@ -138,10 +138,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _layer_name_matches(module: nn.Module, names: frozenset[str]) -> bool:
-    return type(module).__name__ in names
-
-
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2: every rank holds a shard of each parameter, gradient and optimizer state
     (``torch.distributed.fsdp.fully_shard`` over all ranks), on GPUs (nccl) or CPUs (gloo).
@@ -209,7 +205,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         for model in models:
             if is_sharded(model):
                 continue
-            layers = [sub for sub in model.modules() if _layer_name_matches(sub, names)]
+            layers = [sub for sub in model.modules() if type(sub).__name__ in names]
             if not layers:
                 found = sorted({type(sub).__name__ for sub in model.modules() if "Layer" in type(sub).__name__})
                 raise ValueError(

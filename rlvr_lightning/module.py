@@ -21,7 +21,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -374,9 +374,26 @@ class RLVRModule(pl.LightningModule):
     def _generate(
         self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False, temperature: float | None = None
     ) -> Rollout:
+        cfg = self.rollout_cfg
         # FSDP2 with gather_for_rollout: the policy is gathered once, decoding is rank-local.
         with self._gathered(self.policy) as gathered:
-            return self._generate_with(rows, group_size, greedy, temperature, synced=not gathered)
+            return generate_rollout(
+                self.policy,
+                self.tokenizer,
+                self._prompts(rows),
+                group_size=group_size,
+                max_new_tokens=int(cfg["max_new_tokens"]),
+                temperature=float(cfg["temperature"] if temperature is None else temperature),
+                top_p=float(cfg.get("top_p", 1.0)),
+                greedy=greedy,
+                max_prompt_tokens=cfg.get("max_prompt_tokens"),
+                engine=cfg.get("engine", "shared_prefix"),
+                ignore_eos=bool(cfg.get("ignore_eos", False)),
+                synced=not gathered and distributed.needs_synced_forwards(self.policy),
+                cache_implementation=str(cfg.get("hf_cache", "dynamic")),
+                compile_decoding=str(cfg.get("compile_decoding", "auto")),
+                pad_prompts_to_multiple_of=cfg.get("pad_prompts_to_multiple_of"),
+            )
 
     def _gathered(self, model: torch.nn.Module) -> AbstractContextManager[bool]:
         """``FSDP2Strategy.gathered`` under trainer=fsdp2 (whole model gathered for the block,
@@ -384,29 +401,7 @@ class RLVRModule(pl.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, distributed.FSDP2Strategy):
             return strategy.gathered(model)
-        return _not_gathered(model)
-
-    def _generate_with(
-        self, rows: list[dict[str, Any]], group_size: int, greedy: bool, temperature: float | None, synced: bool
-    ) -> Rollout:
-        cfg = self.rollout_cfg
-        return generate_rollout(
-            self.policy,
-            self.tokenizer,
-            self._prompts(rows),
-            group_size=group_size,
-            max_new_tokens=int(cfg["max_new_tokens"]),
-            temperature=float(cfg["temperature"] if temperature is None else temperature),
-            top_p=float(cfg.get("top_p", 1.0)),
-            greedy=greedy,
-            max_prompt_tokens=cfg.get("max_prompt_tokens"),
-            engine=cfg.get("engine", "shared_prefix"),
-            ignore_eos=bool(cfg.get("ignore_eos", False)),
-            synced=synced and distributed.needs_synced_forwards(self.policy),
-            cache_implementation=str(cfg.get("hf_cache", "dynamic")),
-            compile_decoding=str(cfg.get("compile_decoding", "auto")),
-            pad_prompts_to_multiple_of=cfg.get("pad_prompts_to_multiple_of"),
-        )
+        return nullcontext(False)
 
     def _score(self, rollout: Rollout, answers: list[str]) -> dict[str, torch.Tensor]:
         result = self.reward_fn(rollout.completions, answers)
@@ -791,11 +786,6 @@ class RLVRModule(pl.LightningModule):
             meter.reset()
         self._log_at_step(metrics, self.global_step)
         self.log("val/accuracy", metrics["val/accuracy"], prog_bar=True, logger=False)
-
-
-@contextmanager
-def _not_gathered(model: torch.nn.Module) -> Iterator[bool]:
-    yield False
 
 
 def merge_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
