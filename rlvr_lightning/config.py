@@ -16,6 +16,7 @@ from rlvr_lightning.advantages import ADVANTAGE_ESTIMATORS
 from rlvr_lightning.objectives import AGGREGATIONS, available_objectives
 from rlvr_lightning.rewards import ANSWER_MODES, METHODS
 from rlvr_lightning.rollout import COMPILE_MODES, ENGINES, HF_CACHES
+from rlvr_lightning.static_engine import CUDA_GRAPH_MODES
 
 MODEL_SOURCES = ("smollm2_gguf", "pretrained", "tiny")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -159,6 +160,14 @@ def _validate_rollout(cfg: DictConfig) -> None:
         compile_decoding in COMPILE_MODES,
         f"rollout.compile_decoding={compile_decoding!r} is unknown; available: {', '.join(COMPILE_MODES)}",
     )
+    _choice(cfg, "rollout.cuda_graphs", CUDA_GRAPH_MODES, default="auto")
+    if engine == "static":
+        strategy = str(_get(cfg, "trainer.strategy._target_", _get(cfg, "trainer.strategy", "")) or "")
+        _require(
+            "fsdp" not in strategy.lower() or bool(_get(cfg, "trainer.strategy.gather_for_rollout", True)),
+            "rollout.engine=static runs the whole model on each rank, and trainer.strategy.gather_for_rollout=false keeps "
+            "FSDP weights sharded while decoding: set trainer.strategy.gather_for_rollout=true or use rollout.engine=shared_prefix",
+        )
     if _get(cfg, "rollout.pad_prompts_to_multiple_of", None) is not None:
         _number(cfg, "rollout.pad_prompts_to_multiple_of", ">= 1", integer=True)
     if engine == "continuous_batching":

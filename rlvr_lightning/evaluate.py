@@ -71,6 +71,7 @@ def generate_and_score(
     engine: str = "shared_prefix",
     cache_implementation: str = "dynamic",
     compile_decoding: str = "auto",
+    cuda_graphs: str = "auto",
     instruction: str = DEFAULT_INSTRUCTION,
     system_prompt: str | None = None,
     first_problem_index: int = 0,
@@ -85,6 +86,7 @@ def generate_and_score(
         model, tokenizer, prompts, group_size=n_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, greedy=greedy, max_prompt_tokens=max_prompt_tokens,
         engine=engine, cache_implementation=cache_implementation, compile_decoding=compile_decoding,
+        cuda_graphs=cuda_graphs,
     )
     answers = [str(row["answer"]) for row in rows for _ in range(n_samples)]
     result = reward_fn(rollout.completions, answers)
@@ -180,6 +182,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 engine=str(cfg.get("engine", "shared_prefix")), first_problem_index=first,
                 cache_implementation=str(cfg.get("hf_cache", "dynamic")),
                 compile_decoding=str(cfg.get("compile_decoding", "auto")),
+                cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
                 **prompt_cfg,
             )
             for record in batch_records:

@@ -393,6 +393,7 @@ class RLVRModule(pl.LightningModule):
                 cache_implementation=str(cfg.get("hf_cache", "dynamic")),
                 compile_decoding=str(cfg.get("compile_decoding", "auto")),
                 pad_prompts_to_multiple_of=cfg.get("pad_prompts_to_multiple_of"),
+                cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
             )
 
     def _gathered(self, model: torch.nn.Module) -> AbstractContextManager[bool]:

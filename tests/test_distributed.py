@@ -268,6 +268,12 @@ def _fsdp2_worker(rank: int, init_file: str) -> None:
                 for _ in range(1 + 2 * rank):
                     again = model(input_ids=encoded["input_ids"][rank_rows], attention_mask=encoded["attention_mask"][rank_rows]).logits
             assert torch.equal(again, expected.detach())
+            # rollout.engine=static reads the gathered weights (its layers are no FSDP units).
+            from rlvr_lightning.static_engine import sample_static
+
+            rows = [encoded["input_ids"][rank_rows], encoded["attention_mask"][rank_rows], 2, 5, [], 0,
+                    lambda logits: logits.argmax(-1)]
+            assert torch.equal(sample_static(model, *rows), sample_static(reference, *rows))
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         dist.barrier()
         strategy.gather_for_rollout = False

@@ -155,7 +155,8 @@ BAD_VALUES = [
     ("rollout.overlong_prompts=cut", ["rollout.overlong_prompts='cut'", "drop, truncate"]),
     ("rollout.group_size=two", ["rollout.group_size='two'", "an integer >= 1"]),
     ("malloc_threshold_mib=0", ["malloc_threshold_mib=0", "in [1, 2047]"]),
-    ("rollout.engine=vllm", ["rollout.engine='vllm'", "shared_prefix, hf, continuous_batching"]),
+    ("rollout.engine=vllm", ["rollout.engine='vllm'", "shared_prefix, static, hf, continuous_batching"]),
+    ("rollout.cuda_graphs=maybe", ["rollout.cuda_graphs='maybe'", "auto, true, false"]),
     ("rollout.hf_cache=paged", ["rollout.hf_cache='paged'", "dynamic, static"]),
     ("rollout.compile_decoding=maybe", ["rollout.compile_decoding='maybe'", "auto, true, false"]),
     ("rollout.pad_prompts_to_multiple_of=0", ["rollout.pad_prompts_to_multiple_of=0", ">= 1"]),
@@ -194,6 +195,13 @@ def test_continuous_batching_rejects_what_it_cannot_do(extra: list[str], fragmen
     with pytest.raises(ConfigError, match=fragment) as error:
         validate_config(compose_config(TINY_OVERRIDES + ["rollout.engine=continuous_batching"] + extra))
     assert "rollout.engine=shared_prefix" in str(error.value)
+
+
+def test_static_engine_under_fsdp_needs_gathered_weights() -> None:
+    fsdp2 = TINY_OVERRIDES + ["rollout.engine=static", "trainer=fsdp2"]
+    validate_config(compose_config(fsdp2))
+    with pytest.raises(ConfigError, match="trainer.strategy.gather_for_rollout=true or use rollout.engine=shared_prefix"):
+        validate_config(compose_config(fsdp2 + ["trainer.strategy.gather_for_rollout=false"]))
 
 
 def test_shipped_configs_are_valid() -> None:

@@ -158,7 +158,7 @@ def test_shared_prefix_logprobs_and_gradient_equal_full_forward() -> None:
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("engine", ["shared_prefix", "hf"])
+@pytest.mark.parametrize("engine", ["shared_prefix", "static", "hf"])
 def test_ignore_eos_forces_every_response_to_the_full_length(tiny, engine: str) -> None:
     model, tokenizer = tiny
     original = model.generation_config.eos_token_id

@@ -87,6 +87,7 @@ def test_multirun_sweeps_two_objectives(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("engine", [
+    ["rollout.engine=static"],
     ["rollout.engine=continuous_batching"],
     ["rollout.engine=hf", "rollout.hf_cache=static", "rollout.pad_prompts_to_multiple_of=8"],
 ])

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/benchmarks.md in one go, for a lent machine of the `device` tool (run
 # tools/device_prepare.sh here first; carry .whl and .gpu). CHECKS picks the checks (default:
-# all, in this order); each writes its files to $OUT (at most 8 come back) and has its own time
-# limit, so the script ends inside one call:
+# the static engine's, in this order); each writes its files to $OUT (at most 8 come back) and
+# has its own time limit, so the script ends inside one call:
 #   env.txt                     GPU, driver and package versions (always)
-#   fsdp   -> fsdp.log, fsdp_scalars.json   trainer=fsdp (FSDP2, bf16) on the tiny model, one GPU
-#   bench  -> bench_gpu.json/.log      tools/bench.py --mode gpu, ours and TRL's GRPOTrainer
-#   static -> bench_static.json/.log   the same with ours on transformers' static KV cache
-#   budget -> bench_budget.json/.log   ours alone with the default micro-batch budget (1024 tokens)
+#   engine  -> engine.json             tools/check_static_engine.py: CUDA graphs = eager, and
+#                                      generation alone per engine
+#   ours_static -> bench_engine_static.json   tools/bench.py --mode gpu, ours with rollout.engine=static
+#                                      against TRL's GRPOTrainer (16384-token micro-batch budget)
+#   budgets -> bench_budget_4096.json, bench_budget_8192.json   ours alone, engine=static, smaller budgets
+#   fsdp    -> fsdp.log, fsdp_scalars.json   trainer=fsdp (FSDP2, bf16) on the tiny model, one GPU
+#   bench   -> bench_gpu.json          ours (shared-prefix engine) and TRL
+#   static  -> bench_static.json       the same with ours on transformers' static KV cache
+#   budget  -> bench_budget.json       ours alone with the default micro-batch budget (1024 tokens)
+# Every check's output goes to checks.log too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_checks}
-CHECKS=${CHECKS:-fsdp bench static budget}
+CHECKS=${CHECKS:-engine ours_static budgets}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,6 +33,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 cat "$OUT/env.txt"
 
 wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
+log() { grep -v -i "warn" | tee -a "$OUT/checks.log"; }
 
 if wanted fsdp; then
     tiny=(model=tiny trainer.max_steps=2 trainer.val_check_interval=2 rollout.prompts_per_step=4
@@ -36,7 +43,7 @@ if wanted fsdp; then
         echo "=== trainer=fsdp (FSDP2, bf16 mixed precision), one GPU"
         timeout 90 python3 -m rlvr_lightning.train "${tiny[@]}" trainer=fsdp trainer.devices=1 hydra.run.dir=/tmp/checks/fsdp
         echo "exit status $?"
-    } 2>&1 | grep -v -i "warn" | tee "$OUT/fsdp.log"
+    } 2>&1 | log
     python3 -c "
 import json, sys
 from pathlib import Path
@@ -48,17 +55,28 @@ fi
 bench=(tools/bench.py --mode gpu --model .gpu/smollm2_shape --random-weights --prompts 32
        --completion-tokens 256 --steps 3)
 gpu_budget=(--override rollout.max_tokens_per_micro_batch=16384)
+if wanted engine; then
+    timeout 150 python3 tools/check_static_engine.py --model .gpu/smollm2_shape --out "$OUT/engine.json" 2>&1 | log
+fi
+if wanted ours_static; then
+    timeout 200 python3 "${bench[@]}" "${gpu_budget[@]}" --override rollout.engine=static \
+        --out "$OUT/bench_engine_static.json" 2>&1 | log
+fi
+if wanted budgets; then
+    for budget in 4096 8192; do
+        timeout 80 python3 "${bench[@]}" --frameworks ours --override rollout.engine=static \
+            --override rollout.max_tokens_per_micro_batch=$budget --out "$OUT/bench_budget_$budget.json" 2>&1 | log
+    done
+fi
 if wanted bench; then
-    timeout 220 python3 "${bench[@]}" "${gpu_budget[@]}" --out "$OUT/bench_gpu.json" 2>&1 \
-        | grep -v -i "warn" | tee "$OUT/bench_gpu.log"
+    timeout 220 python3 "${bench[@]}" "${gpu_budget[@]}" --out "$OUT/bench_gpu.json" 2>&1 | log
 fi
 if wanted static; then
     timeout 240 python3 "${bench[@]}" "${gpu_budget[@]}" --override rollout.engine=hf \
         --override rollout.hf_cache=static --override rollout.pad_prompts_to_multiple_of=64 \
-        --out "$OUT/bench_static.json" 2>&1 | grep -v -i "warn" | tee "$OUT/bench_static.log"
+        --out "$OUT/bench_static.json" 2>&1 | log
 fi
 if wanted budget; then
-    timeout 120 python3 "${bench[@]}" --frameworks ours --out "$OUT/bench_budget.json" 2>&1 \
-        | grep -v -i "warn" | tee "$OUT/bench_budget.log"
+    timeout 120 python3 "${bench[@]}" --frameworks ours --out "$OUT/bench_budget.json" 2>&1 | log
 fi
 exit 0
