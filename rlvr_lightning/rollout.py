@@ -325,7 +325,7 @@ def generate_rollout(
     ``engine``: ``shared_prefix`` (``sample_shared_prefix``: one prefill per prompt, finished
     rows leave the batch), ``static`` (``static_engine.sample_static``: a preallocated KV cache
     and one decoding step replayed as a CUDA graph on GPUs, ``cuda_graphs`` ``auto``/``true``/
-    ``false``), ``hf`` (``model.generate`` on every row, with a ``dynamic`` or
+    ``false``, the step compiled per ``compile_decoding``), ``hf`` (``model.generate`` on every row, with a ``dynamic`` or
     ``static`` KV cache and ``compile_decoding`` ``auto``/``true``/``false``, see
     ``_hf_generate``) or ``continuous_batching`` (``model.generate_batch``). Sampling uses the
     global torch RNG; the caller seeds it per step for reproducibility. ``ignore_eos`` forces
@@ -381,6 +381,7 @@ def generate_rollout(
             response_ids = sample_static(
                 model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos, tokenizer.pad_token_id,
                 lambda logits: _sample_next(logits, temperature, top_p, greedy), ignore_eos, cuda_graphs,
+                compile_decoding,
             )
         else:
             response_ids = _continuous_batching_generate(

@@ -96,19 +96,16 @@ def _norm_eps(norm: torch.nn.Module, default: float) -> float:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in float32, as the Llama family computes it."""
+    """RMSNorm in float32, as the Llama family computes it (one fused kernel where torch has one)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in float32: ``x cos + rotate_half(x) sin``, where ``rotate_half(x) sin`` is
+    ``x`` with its halves swapped times ``sin`` with its first half negated (``sin_signed``)."""
     x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x * cos + _rotate_half(x) * sin
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -201,7 +198,8 @@ class StaticDecoder:
             )
 
     def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions ``0 .. length - 1``: ``[length, head_dim]`` float32 each."""
+        """cos and sin for positions ``0 .. length - 1``, ``[length, head_dim]`` float32 each; the
+        first half of sin negated (see ``_rope``)."""
         positions = torch.arange(length, device=device)[None]
         cos, sin = self.rotary_emb(torch.zeros(1, device=device, dtype=torch.float32), positions)
         if cos.shape[-1] != self.head_dim:
@@ -209,27 +207,32 @@ class StaticDecoder:
                 f"rollout.engine=static applies rotary embeddings to the whole head ({self.head_dim}), "
                 f"this model to {cos.shape[-1]} dimensions: use rollout.engine=shared_prefix"
             )
-        return cos[0].float(), sin[0].float()
+        sin = sin[0].float()
+        half = self.head_dim // 2
+        return cos[0].float(), torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
-    # The layer pieces, shared by the prefill and the decoding step.
+    # The layer pieces, shared by the prefill and the decoding step. Few kernels per layer: a
+    # decoding step replays every one of them, and at a few hundred rows each costs about as much
+    # as its launch.
     def qkv(
         self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h`` ``[B, T, hidden]`` float32 -> q ``[B, H, T, D]``, k and v ``[B, KV, T, D]`` (compute dtype)."""
+        """``h`` ``[B, T, hidden]`` float32, ``cos``/``sin`` ``[B, T, 1, D]`` -> q ``[B, H, T, D]``,
+        k and v ``[B, KV, T, D]`` in the compute dtype. Queries and keys get their rotary
+        embedding together."""
         batch, length = h.shape[:2]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         x = _rms_norm(h, layer.input_norm, self.eps).to(self.dtype)
-        q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1
-        )
-        q = q.view(batch, length, self.num_heads, self.head_dim)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qk = qkv[..., : (heads + kv_heads) * dim].unflatten(-1, (heads + kv_heads, dim))
         if layer.q_norm is not None:
-            q = _rms_norm(q, layer.q_norm, self.qk_eps)
-            k = _rms_norm(k, layer.k_norm, self.qk_eps)
-        # cos/sin: [B, T, D] -> [B, 1, T, D] against the heads-first layout.
-        q = _rope(q.transpose(1, 2), cos, sin).to(self.dtype)
-        k = _rope(k.transpose(1, 2), cos, sin).to(self.dtype)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            qk = torch.cat([
+                _rms_norm(qk[:, :, :heads], layer.q_norm, self.qk_eps),
+                _rms_norm(qk[:, :, heads:], layer.k_norm, self.qk_eps),
+            ], dim=2)
+        qk = _rope(qk, cos, sin).to(self.dtype)
+        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+        v = qkv[..., (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim)).transpose(1, 2)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -239,17 +242,17 @@ class StaticDecoder:
         batch, _, length, dim = q.shape
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(batch, self.num_kv_heads, groups * length, dim)
-        if groups > 1:
+        if groups > 1 and length > 1:  # one query position: its mask row serves every group row
             mask = mask.repeat(1, 1, groups, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return out.view(batch, self.num_heads, length, dim).transpose(1, 2).reshape(batch, length, -1)
 
     def finish(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of the layer: output projection, residual, gated MLP, residual (float32 stream)."""
-        h = h + F.linear(attn, layer.o, layer.o_bias).float()
+        h = h + F.linear(attn, layer.o, layer.o_bias)
         x = _rms_norm(h, layer.post_norm, self.eps).to(self.dtype)
         gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return h + F.linear(layer.act(gate) * up, layer.down, layer.down_bias).float()
+        return h + F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         x = _rms_norm(h, self.final_norm, self.final_eps).to(self.dtype)
@@ -271,8 +274,11 @@ def use_cuda_graphs(mode: str, device: torch.device) -> bool:
 class _Decoding:
     """The static state of one rollout's decoding and its one-token step."""
 
-    def __init__(self, decoder: StaticDecoder, rows: int, length: int, device: torch.device) -> None:
+    def __init__(
+        self, decoder: StaticDecoder, rows: int, length: int, device: torch.device, compiled: bool = False
+    ) -> None:
         self.decoder = decoder
+        self.compiled = compiled
         shape = (rows, decoder.num_kv_heads, length, decoder.head_dim)
         # Zeros, not empty: a masked column's weight is 0, and 0 * NaN garbage would be NaN.
         self.keys = [torch.zeros(shape, dtype=decoder.dtype, device=device) for _ in decoder.layers]
@@ -285,20 +291,35 @@ class _Decoding:
 
     def step(self) -> torch.Tensor:
         """Decode one token per row from the static buffers, advance them; returns ``[rows, V]`` logits."""
-        d = self.decoder
-        self.visible.index_fill_(1, self.column, True)
-        mask = self.visible[:, None, None, :]
-        cos = self.cos.index_select(0, self.positions)[:, None, None, :]
-        sin = self.sin.index_select(0, self.positions)[:, None, None, :]
-        h = F.embedding(self.tokens[:, None], d.embed).float()
-        for layer, keys, values in zip(d.layers, self.keys, self.values, strict=True):
-            q, k, v = d.qkv(layer, h, cos, sin)
-            keys.index_copy_(2, self.column, k)
-            values.index_copy_(2, self.column, v)
-            h = d.finish(layer, h, d.attend(q, keys, values, mask))
-        self.positions.add_(1)
-        self.column.add_(1)
-        return d.logits(h)[:, 0]
+        return (_compiled_decode() if self.compiled else _decode)(self)
+
+
+def _decode(state: _Decoding) -> torch.Tensor:
+    """``_Decoding.step``, a plain function so that ``torch.compile`` compiles it once per process."""
+    d = state.decoder
+    state.visible.index_fill_(1, state.column, True)
+    mask = state.visible[:, None, None, :]
+    cos = state.cos.index_select(0, state.positions)[:, None, None, :]  # [rows, T = 1, 1, D]
+    sin = state.sin.index_select(0, state.positions)[:, None, None, :]
+    h = F.embedding(state.tokens[:, None], d.embed).float()
+    for layer, keys, values in zip(d.layers, state.keys, state.values, strict=True):
+        q, k, v = d.qkv(layer, h, cos, sin)
+        keys.index_copy_(2, state.column, k)
+        values.index_copy_(2, state.column, v)
+        h = d.finish(layer, h, d.attend(q, keys, values, mask))
+    state.positions.add_(1)
+    state.column.add_(1)
+    return d.logits(h)[:, 0]
+
+
+_COMPILED: list[Callable[[_Decoding], torch.Tensor]] = []
+
+
+def _compiled_decode() -> Callable[[_Decoding], torch.Tensor]:
+    """``_decode`` compiled by ``torch.compile`` (fused element-wise kernels), made on first use."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_decode, fullgraph=True))
+    return _COMPILED[0]
 
 
 def _capture(step: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -334,6 +355,7 @@ def sample_static(
     sample_next: Callable[[torch.Tensor], torch.Tensor],
     ignore_eos: bool = False,
     cuda_graphs: str = "auto",
+    compile_decoding: str = "auto",
     check_every: int | None = None,
 ) -> torch.Tensor:
     """Sample ``group_size`` completions per (left-padded) prompt; returns ``[P * G, T]`` ids.
@@ -341,10 +363,15 @@ def sample_static(
     ``sample_next`` turns ``[rows, V]`` logits into ``[rows]`` tokens. Tokens after EOS are
     ``pad_token_id``. Decoding stops when every row has sampled EOS, checked every
     ``check_every`` steps (each check waits for the GPU; default: 16 on CUDA, 1 elsewhere).
-    ``cuda_graphs``: ``auto`` (captured on CUDA), ``true`` or ``false``.
+    ``cuda_graphs``: ``auto`` (captured on CUDA), ``true`` or ``false``. ``compile_decoding``:
+    the decoding step compiled by ``torch.compile`` (fewer, fused kernels; compiled once per
+    process, once more when a second sequence length comes) on CUDA (``auto``), always
+    (``true``) or never (``false``).
     """
     device = prompt_ids.device
     graphs = use_cuda_graphs(cuda_graphs, device)
+    compile_decoding = str(compile_decoding).lower()
+    compiled = compile_decoding == "true" or (compile_decoding == "auto" and device.type == "cuda")
     unique, prompt_length = prompt_ids.shape
     rows = unique * group_size
     result = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -357,7 +384,7 @@ def sample_static(
     with torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext():
         decoder = StaticDecoder(model, compute_dtype(model, device))
         decoder.check_length(length)
-        state = _Decoding(decoder, rows, length, device)
+        state = _Decoding(decoder, rows, length, device, compiled=compiled)
         graph = None
         if graphs:
             # Warm-up and capture write to the buffers; the prefill below overwrites them.
@@ -398,7 +425,7 @@ def _prefill(
     unique, length = prompt_ids.shape
     valid = prompt_mask.bool()
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cos, sin = state.cos[positions][:, None], state.sin[positions][:, None]  # [U, 1, P, D]
+    cos, sin = state.cos[positions][:, :, None], state.sin[positions][:, :, None]  # [U, P, 1, D]
     causal = torch.ones(length, length, dtype=torch.bool, device=prompt_ids.device).tril()
     # A padding position attends to itself only (its row must not be empty); nothing attends to it.
     mask = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=prompt_ids.device)

@@ -36,3 +36,18 @@ def test_bench_runs_every_framework_on_the_same_forced_length_work(tmp_path: Pat
         assert result["mean_completion_length"] and set(result["mean_completion_length"]) == {5.0}
     assert set(results["ours"]["stage_seconds"]) >= {"generate", "update", "step"}
     assert results["ours"]["overrides"] == ["rollout.engine=hf", "rollout.hf_cache=static"]
+
+
+def test_a_failing_framework_is_reported_and_the_others_kept(tmp_path: Path) -> None:
+    model, tokenizer = build_tiny_model(seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match="failed: ours"):
+        bench.main([
+            "--model", str(tmp_path / "model"), "--prompts", "2", "--group-size", "2", "--completion-tokens", "3",
+            "--steps", "1", "--warmup", "1", "--threads", "1", "--frameworks", "ours", "--out", str(out),
+            "--override", "rollout.engine=nope",
+        ])
+    written = json.loads(out.read_text())
+    assert written["results"] == {} and "rollout.engine='nope' is unknown" in written["failures"]["ours"]

@@ -188,3 +188,21 @@ def test_unsupported_models_and_settings_are_refused_with_the_fix(tiny) -> None:
         generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="static", cuda_graphs="sometimes")
     with pytest.raises(ValueError, match=r"gather_for_rollout=true or use rollout.engine=shared_prefix"):
         generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="static", synced=True)
+
+
+def test_compiled_decoding_matches_eager_and_compiles_once_per_shape(tiny) -> None:
+    """``compile_decoding=true``: the step compiled by torch.compile gives the eager step's
+    tokens; a second rollout of the same shape reuses the compiled step, and a new length
+    compiles once more (dynamic), after which lengths reuse it."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = tiny
+    eager = generate_rollout(model, tokenizer, PROMPTS, 2, 6, greedy=True, engine="static", compile_decoding="false")
+    graphs = []
+    for length in (6, 6, 9, 12):
+        compiled = generate_rollout(model, tokenizer, PROMPTS, 2, length, greedy=True, engine="static",
+                                    compile_decoding="true")
+        if length == 6:
+            assert compiled.completions == eager.completions
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] and graphs[2] == graphs[1] + 1 and graphs[3] == graphs[2]

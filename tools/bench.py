@@ -314,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         return {}
     model = Path(args.model) if args.model else default_model_folder()
     results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
     load_before = os.getloadavg()[0]  # other work on the machine skews every number
     with tempfile.TemporaryDirectory(prefix="rlvr_bench_") as tmp:
         work = Path(tmp)
@@ -341,7 +342,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
             if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"{framework} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+                # Keep going: the other framework's numbers are still worth reporting.
+                failures[framework] = f"exit status {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+                print(f"[bench] {framework} failed: {failures[framework]}", flush=True)
+                continue
             results[framework] = json.loads(lines[-1][len(RESULT_MARK) :])
             print(f"[bench] {framework}: done in {time.perf_counter() - started:.0f} s", flush=True)
     header = (
@@ -354,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     print(header)
     print(format_report(args, results))
     if args.out:
-        args.out.write_text(json.dumps({"setup": header, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"setup": header, "results": results, "failures": failures}, indent=2))
+    if failures:
+        raise SystemExit(f"[bench] failed: {', '.join(failures)} (output above)")
     return results
 
 

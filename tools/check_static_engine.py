@@ -3,12 +3,13 @@
     python tools/check_static_engine.py --model .gpu/smollm2_shape --out static_check.json
 
 1. Correctness on the tiny Llama (float32 and under bf16 autocast): greedy completions with
-   CUDA graphs equal those without, and sampled ones too (same seed, forced length); the
+   CUDA graphs (of the step, and of the compiled step) equal eager ones, and sampled ones too
+   (same seed, forced length); the
    engine's logits match transformers' forward (float32).
 2. Generation alone on ``--model``'s shape with seeded random weights, under bf16 autocast as
-   training runs it: seconds and completion tokens per second for the static engine with and
-   without CUDA graphs, the shared-prefix engine and ``model.generate`` with transformers'
-   static cache, ``--prompts`` x ``--group-size`` completions of ``--tokens`` forced tokens.
+   training runs it: seconds and completion tokens per second for the static engine (CUDA
+   graphs of the compiled step, CUDA graphs of the plain step) and the shared-prefix engine,
+   ``--prompts`` x ``--group-size`` completions of ``--tokens`` forced tokens.
 
 Prints one JSON object and writes it to ``--out``. Needs a CUDA device (``--device cpu``: a dry
 run of the script itself, every engine eager).
@@ -20,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -43,34 +45,48 @@ def correctness(device: torch.device) -> dict[str, object]:
     for precision in ("float32", "bf16_autocast"):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision != "float32")
         rollouts = {}
-        for graphs in ("auto", "false"):  # auto: CUDA graphs on a CUDA device
-            with autocast:
-                greedy = generate_rollout(model, tokenizer, PROMPTS, 3, 24, greedy=True, engine="static",
-                                          cuda_graphs=graphs)
-                torch.manual_seed(0)
-                sampled = generate_rollout(model, tokenizer, PROMPTS, 4, 24, engine="static", cuda_graphs=graphs,
-                                           ignore_eos=True)
-            rollouts[graphs] = (greedy.completions, sampled.completions)
-        results[f"{precision}_graphs_equal_eager_greedy"] = rollouts["auto"][0] == rollouts["false"][0]
-        results[f"{precision}_graphs_equal_eager_sampled"] = rollouts["auto"][1] == rollouts["false"][1]
+        # auto: CUDA graphs on a CUDA device; then compiled (true) or not (false).
+        for graphs, compiled in (("auto", "false"), ("false", "false"), ("auto", "true")):
+            options = dict(engine="static", cuda_graphs=graphs, compile_decoding=compiled)
+            try:
+                with autocast:
+                    greedy = generate_rollout(model, tokenizer, PROMPTS, 3, 24, greedy=True, **options)
+                    torch.manual_seed(0)
+                    sampled = generate_rollout(model, tokenizer, PROMPTS, 4, 24, ignore_eos=True, **options)
+            except Exception as error:  # noqa: BLE001 - recorded, and the other variants still run
+                results[f"{precision}_graphs_{graphs}_compiled_{compiled}_error"] = repr(error)[-2000:]
+                traceback.print_exc()
+                continue
+            rollouts[graphs, compiled] = (greedy.completions, sampled.completions)
+        eager = rollouts["false", "false"]
+        for name, key in (("graphs", ("auto", "false")), ("compiled_graphs", ("auto", "true"))):
+            if key in rollouts:
+                results[f"{precision}_{name}_equal_eager_greedy"] = rollouts[key][0] == eager[0]
+                results[f"{precision}_{name}_equal_eager_sampled"] = rollouts[key][1] == eager[1]
     with autocast:
         shared = generate_rollout(model, tokenizer, PROMPTS, 3, 24, greedy=True, engine="shared_prefix")
-    results["bf16_greedy_equal_shared_prefix"] = shared.completions == rollouts["auto"][0]
-    # Teacher-forced logits in float32 against transformers' forward.
+    results["bf16_greedy_equal_shared_prefix"] = shared.completions == eager[0]
+    # Teacher-forced logits in float32 against transformers' forward, eager and compiled.
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    forced = torch.randint(3, len(tokenizer), (len(PROMPTS), 6), device=device, generator=None)
+    forced = torch.randint(3, len(tokenizer), (len(PROMPTS), 6), device=device)
+    full_mask = torch.cat([mask, torch.ones_like(forced)], 1)
     with torch.no_grad():
-        decoder = StaticDecoder(model, torch.float32)
-        state = _Decoding(decoder, len(PROMPTS), ids.shape[1] + forced.shape[1], device)
-        ours = [_prefill(decoder, state, ids, mask, 1)]
-        for t in range(forced.shape[1]):
-            state.tokens.copy_(forced[:, t])
-            ours.append(state.step())
-        full_mask = torch.cat([mask, torch.ones_like(forced)], 1)
         reference = model(input_ids=torch.cat([ids, forced], 1), attention_mask=full_mask,
                           position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1:]
-    results["float32_max_logit_difference"] = float((torch.stack(ours, 1) - reference).abs().max())
+        for name, compiled in (("eager", False), ("compiled", True)):
+            decoder = StaticDecoder(model, torch.float32)
+            state = _Decoding(decoder, len(PROMPTS), ids.shape[1] + forced.shape[1], device, compiled=compiled)
+            try:
+                ours = [_prefill(decoder, state, ids, mask, 1)]
+                for t in range(forced.shape[1]):
+                    state.tokens.copy_(forced[:, t])
+                    ours.append(state.step())
+            except Exception as error:  # noqa: BLE001
+                results[f"float32_{name}_error"] = repr(error)[-2000:]
+                traceback.print_exc()
+                continue
+            results[f"float32_{name}_max_logit_difference"] = float((torch.stack(ours, 1) - reference).abs().max())
     return results
 
 
@@ -88,22 +104,27 @@ def timing(folder: str, prompts: int, group_size: int, tokens: int, device: torc
         for i in range(prompts)
     ]
     variants = {
-        "static_cuda_graphs": dict(engine="static", cuda_graphs="auto"),
-        "static_eager": dict(engine="static", cuda_graphs="false"),
+        "static_compiled_cuda_graphs": dict(engine="static", cuda_graphs="auto", compile_decoding="true"),
+        "static_cuda_graphs": dict(engine="static", cuda_graphs="auto", compile_decoding="false"),
         "shared_prefix": dict(engine="shared_prefix"),
     }
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results: dict[str, object] = {"prompts": prompts, "group_size": group_size, "tokens": tokens}
     for name, options in variants.items():
         seconds = []
-        # The first call of the first variant warms the device up; the eager ones take long.
-        for _ in range(2 if name == "static_cuda_graphs" else 1):
-            synchronize()
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                rollout = generate_rollout(model, tokenizer, texts, group_size, tokens, ignore_eos=True, **options)
-            synchronize()
-            seconds.append(time.perf_counter() - start)
+        # A first call warms up (and compiles) the graph variants; the eager ones take long.
+        try:
+            for _ in range(2 if "graphs" in name else 1):
+                synchronize()
+                start = time.perf_counter()
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    rollout = generate_rollout(model, tokenizer, texts, group_size, tokens, ignore_eos=True, **options)
+                synchronize()
+                seconds.append(time.perf_counter() - start)
+        except Exception as error:  # noqa: BLE001 - recorded, and the other variants still run
+            results[name] = {"error": repr(error)[-2000:]}
+            traceback.print_exc()
+            continue
         completion_tokens = int(rollout.response_lengths.sum())
         results[name] = {"seconds": seconds, "tokens_per_second": completion_tokens / seconds[-1]}
         print(name, results[name], flush=True)

@@ -7,8 +7,10 @@
 #   engine  -> engine.json             tools/check_static_engine.py: CUDA graphs = eager, and
 #                                      generation alone per engine
 #   ours_static -> bench_engine_static.json   tools/bench.py --mode gpu, ours with rollout.engine=static
-#                                      against TRL's GRPOTrainer (16384-token micro-batch budget)
-#   budgets -> bench_budget_4096.json, bench_budget_8192.json   ours alone, engine=static, smaller budgets
+#                                      against TRL's GRPOTrainer (16384-token micro-batch budget; the
+#                                      step compiled if the engine check found that exact and faster)
+#   budgets -> bench_budget_4096.json, bench_budget_16384_gc.json   ours alone, engine=static: a 4096-token
+#                                      budget; 16384 with gradient checkpointing
 #   fsdp    -> fsdp.log, fsdp_scalars.json   trainer=fsdp (FSDP2, bf16) on the tiny model, one GPU
 #   bench   -> bench_gpu.json          ours (shared-prefix engine) and TRL
 #   static  -> bench_static.json       the same with ours on transformers' static KV cache
@@ -55,18 +57,32 @@ fi
 bench=(tools/bench.py --mode gpu --model .gpu/smollm2_shape --random-weights --prompts 32
        --completion-tokens 256 --steps 3)
 gpu_budget=(--override rollout.max_tokens_per_micro_batch=16384)
+# The static engine's step compiled (torch.compile) where the engine check found it exact
+# (float32 logits within 1e-4 of transformers') and faster than the plain step.
+compiled=false
 if wanted engine; then
-    timeout 150 python3 tools/check_static_engine.py --model .gpu/smollm2_shape --out "$OUT/engine.json" 2>&1 | log
+    timeout 170 python3 tools/check_static_engine.py --model .gpu/smollm2_shape --out "$OUT/engine.json" 2>&1 | log
+    python3 -c "
+import json, sys
+report = json.load(open(sys.argv[1]))
+generation, correctness = report['generation'], report['correctness']
+exact = correctness['float32_compiled_max_logit_difference'] < 1e-4
+faster = generation['static_compiled_cuda_graphs']['tokens_per_second'] > generation['static_cuda_graphs']['tokens_per_second']
+sys.exit(0 if exact and faster else 1)
+" "$OUT/engine.json" 2>&1 && compiled=true
 fi
+echo "static engine: compile_decoding=$compiled" | log
+static=(--override rollout.engine=static --override rollout.compile_decoding=$compiled)
 if wanted ours_static; then
-    timeout 200 python3 "${bench[@]}" "${gpu_budget[@]}" --override rollout.engine=static \
+    timeout 250 python3 "${bench[@]}" "${gpu_budget[@]}" "${static[@]}" \
         --out "$OUT/bench_engine_static.json" 2>&1 | log
 fi
 if wanted budgets; then
-    for budget in 4096 8192; do
-        timeout 80 python3 "${bench[@]}" --frameworks ours --override rollout.engine=static \
-            --override rollout.max_tokens_per_micro_batch=$budget --out "$OUT/bench_budget_$budget.json" 2>&1 | log
-    done
+    # Memory: a 4096-token budget, and the 16384 budget with gradient checkpointing.
+    timeout 75 python3 "${bench[@]}" --frameworks ours "${static[@]}" \
+        --override rollout.max_tokens_per_micro_batch=4096 --out "$OUT/bench_budget_4096.json" 2>&1 | log
+    timeout 75 python3 "${bench[@]}" --frameworks ours "${static[@]}" "${gpu_budget[@]}" \
+        --override model.gradient_checkpointing=true --out "$OUT/bench_budget_16384_gc.json" 2>&1 | log
 fi
 if wanted bench; then
     timeout 220 python3 "${bench[@]}" "${gpu_budget[@]}" --out "$OUT/bench_gpu.json" 2>&1 | log
