@@ -245,7 +245,8 @@ class StaticDecoder:
         if groups > 1 and length > 1:  # one query position: its mask row serves every group row
             mask = mask.repeat(1, 1, groups, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        return out.view(batch, self.num_heads, length, dim).transpose(1, 2).reshape(batch, length, -1)
+        # reshape, not view: CUDA kernels may return the output in another memory layout.
+        return out.reshape(batch, self.num_heads, length, dim).transpose(1, 2).reshape(batch, length, -1)
 
     def finish(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The rest of the layer: output projection, residual, gated MLP, residual (float32 stream)."""
