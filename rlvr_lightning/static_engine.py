@@ -382,8 +382,9 @@ def sample_static(
     check_every = check_every or (16 if device.type == "cuda" else 1)
     # Every dtype below is explicit; autocast would only add casts (and caches that a captured
     # graph must not hold on to).
+    dtype = compute_dtype(model, device)  # read before autocast is switched off below
     with torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else contextlib.nullcontext():
-        decoder = StaticDecoder(model, compute_dtype(model, device))
+        decoder = StaticDecoder(model, dtype)
         decoder.check_length(length)
         state = _Decoding(decoder, rows, length, device, compiled=compiled)
         graph = None

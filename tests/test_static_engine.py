@@ -168,8 +168,21 @@ def test_bf16_autocast_decodes_in_bf16_close_to_transformers(tiny) -> None:
     reference = _reference_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
     assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
     # Under autocast the rollout runs in bf16 through generate_rollout too.
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        rollout = generate_rollout(model, tokenizer, PROMPTS, 2, 6, engine="static", ignore_eos=True)
+    dtypes = []
+    original = StaticDecoder.__init__
+
+    def spy(self, model, dtype):
+        dtypes.append(dtype)
+        original(self, model, dtype)
+
+    StaticDecoder.__init__ = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rollout = generate_rollout(model, tokenizer, PROMPTS, 2, 6, engine="static", ignore_eos=True)
+        generate_rollout(model, tokenizer, PROMPTS, 2, 6, engine="static", ignore_eos=True)
+    finally:
+        StaticDecoder.__init__ = original
+    assert dtypes == [torch.bfloat16, torch.float32]
     assert rollout.response_lengths.tolist() == [6] * 6
 
 

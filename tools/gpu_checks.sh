@@ -9,6 +9,7 @@
 #   ours_static -> bench_engine_static.json   tools/bench.py --mode gpu, ours with rollout.engine=static
 #                                      against TRL's GRPOTrainer (16384-token micro-batch budget; the
 #                                      step compiled if the engine check found that exact and faster)
+#   ours_static_gc -> bench_engine_static_gc.json   the same with gradient checkpointing (less memory)
 #   budgets -> bench_budget_4096.json, bench_budget_16384_gc.json   ours alone, engine=static: a 4096-token
 #                                      budget; 16384 with gradient checkpointing
 #   fsdp    -> fsdp.log, fsdp_scalars.json   trainer=fsdp (FSDP2, bf16) on the tiny model, one GPU
@@ -76,6 +77,10 @@ static=(--override rollout.engine=static --override rollout.compile_decoding=$co
 if wanted ours_static; then
     timeout 250 python3 "${bench[@]}" "${gpu_budget[@]}" "${static[@]}" \
         --out "$OUT/bench_engine_static.json" 2>&1 | log
+fi
+if wanted ours_static_gc; then
+    timeout 250 python3 "${bench[@]}" "${gpu_budget[@]}" "${static[@]}" --override model.gradient_checkpointing=true \
+        --out "$OUT/bench_engine_static_gc.json" 2>&1 | log
 fi
 if wanted budgets; then
     # Memory: a 4096-token budget, and the 16384 budget with gradient checkpointing.
