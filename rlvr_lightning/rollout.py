@@ -17,6 +17,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from rlvr_lightning.distributed import all_ranks
 from rlvr_lightning.logprobs import cache_argument, encode_prompts_once
 from rlvr_lightning.static_engine import sample_static
+from rlvr_lightning.vllm_engine import vllm_generate
 
 
 @dataclass
@@ -179,7 +180,7 @@ def sample_shared_prefix(
     return result
 
 
-ENGINES = ("shared_prefix", "static", "hf", "continuous_batching")
+ENGINES = ("shared_prefix", "static", "hf", "continuous_batching", "vllm")
 HF_CACHES = ("dynamic", "static")
 COMPILE_MODES = ("auto", "true", "false")
 
@@ -319,13 +320,15 @@ def generate_rollout(
     compile_decoding: str = "auto",
     pad_prompts_to_multiple_of: int | None = None,
     cuda_graphs: str = "auto",
+    vllm_options: dict[str, Any] | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for every prompt (rows grouped by prompt).
 
     ``engine``: ``shared_prefix`` (``sample_shared_prefix``: one prefill per prompt, finished
     rows leave the batch), ``static`` (``static_engine.sample_static``: a preallocated KV cache
     and one decoding step replayed as a CUDA graph on GPUs, ``cuda_graphs`` ``auto``/``true``/
-    ``false``, the step compiled per ``compile_decoding``), ``hf`` (``model.generate`` on every row, with a ``dynamic`` or
+    ``false``, the step compiled per ``compile_decoding``), ``vllm`` (``vllm_engine``: vLLM in
+    this process, weights synced per rollout; ``vllm_options`` are ``rollout.vllm``), ``hf`` (``model.generate`` on every row, with a ``dynamic`` or
     ``static`` KV cache and ``compile_decoding`` ``auto``/``true``/``false``, see
     ``_hf_generate``) or ``continuous_batching`` (``model.generate_batch``). Sampling uses the
     global torch RNG; the caller seeds it per step for reproducibility. ``ignore_eos`` forces
@@ -340,9 +343,9 @@ def generate_rollout(
     compile_decoding = str(compile_decoding).lower()
     if compile_decoding not in COMPILE_MODES:
         raise ValueError(f"rollout.compile_decoding={compile_decoding!r} is unknown; use one of {', '.join(COMPILE_MODES)}")
-    if engine == "static" and synced:
+    if engine in ("static", "vllm") and synced:
         raise ValueError(
-            "rollout.engine=static runs the whole model on each rank, and this FSDP run decodes in lock-step "
+            f"rollout.engine={engine} runs the whole model on each rank, and this FSDP run decodes in lock-step "
             "with sharded weights: set trainer.strategy.gather_for_rollout=true or use rollout.engine=shared_prefix"
         )
     if engine == "continuous_batching" and ignore_eos:
@@ -376,6 +379,11 @@ def generate_rollout(
             response_ids = sample_shared_prefix(
                 model, prompt_ids, prompt_mask, group_size, max_new_tokens, eos,
                 tokenizer.pad_token_id, temperature, top_p, greedy, ignore_eos, synced,
+            )
+        elif engine == "vllm":
+            response_ids = vllm_generate(
+                model, tokenizer, prompt_ids, prompt_mask, group_size, max_new_tokens, eos, tokenizer.pad_token_id,
+                temperature, top_p, greedy, ignore_eos, vllm_options,
             )
         elif engine == "static":
             response_ids = sample_static(

