@@ -175,6 +175,7 @@ def test_ignore_eos_forces_every_response_to_the_full_length(tiny, engine: str) 
 
 
 @pytest.mark.parametrize("engine,options", [
+    ("static", {}),
     ("hf", {"cache_implementation": "static"}),
     ("hf", {"cache_implementation": "static", "pad_prompts_to_multiple_of": 16}),
     ("continuous_batching", {}),

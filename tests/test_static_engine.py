@@ -1,6 +1,6 @@
 """The static-cache engine (rollout.engine=static): its forward against transformers' on the
-tiny models of each supported family, its samples against the shared-prefix engine's, and its
-refusals. CUDA graph capture itself needs a GPU: tools/gpu_checks.sh checks it there."""
+tiny models of each supported family, its samples against the shared-prefix engine's (greedy:
+tests/test_rollout.py), and its refusals. CUDA graph capture itself needs a GPU: tools/gpu_checks.sh checks it there."""
 
 from __future__ import annotations
 
@@ -111,15 +111,6 @@ def test_groups_share_their_prompt_cache(tiny) -> None:
     reference = _reference_logits(model, ids, mask, torch.full((len(PROMPTS), 1), 7))
     for logits, column in ((first, 0), (second, 1)):
         assert torch.allclose(logits, reference[:, column].repeat_interleave(3, 0), atol=2e-5, rtol=1e-4)
-
-
-def test_greedy_completions_match_the_shared_prefix_engine(tiny) -> None:
-    model, tokenizer = tiny
-    ours = generate_rollout(model, tokenizer, PROMPTS, 3, 10, greedy=True, engine="static")
-    reference = generate_rollout(model, tokenizer, PROMPTS, 3, 10, greedy=True, engine="shared_prefix")
-    assert ours.completions == reference.completions
-    assert torch.equal(ours.input_ids, reference.input_ids)
-    assert torch.equal(ours.response_mask, reference.response_mask)
 
 
 def test_forced_length_sampling_draws_what_the_shared_prefix_engine_draws(tiny) -> None:
