@@ -187,3 +187,15 @@ def test_cli_runs_and_writes_results(tmp_path: Path) -> None:
     assert len(read_generations(tmp_path / "eval" / "generations.jsonl")) == 3
     assert "avg@1" in json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (tmp_path / "eval" / ".hydra" / "config.yaml").is_file()  # output_dir is Hydra's run dir
+
+
+def test_evaluation_on_the_static_engine_matches_the_default_engine_when_greedy(tmp_path: Path) -> None:
+    """The evaluation config's engine settings reach generation: greedy completions of the
+    static engine (CUDA graphs off the GPU: eager) are the shared-prefix engine's."""
+    results = []
+    for engine in ("shared_prefix", "static"):
+        (tmp_path / engine).mkdir()
+        overrides = tiny_overrides(tmp_path / engine) + ["temperature=0", "n_samples=1", f"engine={engine}"]
+        evaluate(compose_evaluate(overrides))
+        results.append([g["completion"] for g in read_generations(tmp_path / engine / "eval" / "generations.jsonl")])
+    assert results[0] == results[1] and len(results[0]) == len(PROBLEMS)
