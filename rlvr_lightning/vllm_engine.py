@@ -89,7 +89,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             enable_prefix_caching=True,
-            seed=0,  # every request brings its own seed; starting an engine leaves torch's RNG alone
+            seed=0,  # each request brings its own seed, drawn from torch's RNG when it is made
         )
         self.sampling_params = vllm.SamplingParams
 
