@@ -41,6 +41,17 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides or []))
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny model (eval mode) and its tokenizer, left-padding for generation; one per test module."""
+    from rlvr_lightning.models import build_tiny_model
+
+    model, tokenizer = build_tiny_model(seed=0)
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
 @pytest.fixture
 def tiny_config():
     def make(*extra: str) -> DictConfig:

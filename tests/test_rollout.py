@@ -15,15 +15,6 @@ from rlvr_lightning.rollout import (
     response_mask_from_ids,
 )
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = build_tiny_model(seed=0)
-    tokenizer.padding_side = "left"
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
-
-
 PROMPTS = ["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n", "Hi"]
 
 

@@ -32,14 +32,6 @@ SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              num_key_value_heads=2, max_position_embeddings=256)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = build_tiny_model(seed=0)
-    tokenizer.padding_side = "left"
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
-
-
 def _family(name: str, vocab_size: int) -> torch.nn.Module:
     torch.manual_seed(1)
     if name == "qwen2":  # biases on q/k/v
