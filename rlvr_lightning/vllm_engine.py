@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr_lightning.static_engine import _base_model, _linear_weight
+from rlvr_lightning.static_engine import _base_model, _linear_weight, compute_dtype
 
 # vLLM keeps its distributed state per process: one engine at a time, for the model it serves.
 _ENGINE: list[tuple[weakref.ref[torch.nn.Module], VLLMEngine]] = []
@@ -192,8 +192,7 @@ def vllm_generate(
     else:
         if _ENGINE:  # an engine for another model (a test's, an earlier run's): vLLM runs one at a time
             _ENGINE.pop()[1].close()
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else next(model.parameters()).dtype
+        dtype = compute_dtype(model, device)
         # vLLM seeds the global RNGs when it starts: keep ours as they were.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             engine = VLLMEngine(model, tokenizer, dtype, **(options or {}))

@@ -90,19 +90,25 @@ def correctness(device: torch.device) -> dict[str, object]:
     return results
 
 
-def timing(folder: str, prompts: int, group_size: int, tokens: int, device: torch.device) -> dict[str, object]:
+def random_model_and_prompts(folder: str, prompts: int, device: torch.device) -> tuple[object, object, list[str]]:
+    """``folder``'s architecture with seeded random weights on ``device``, its tokenizer (left
+    padding) and ``prompts`` prompt strings of the default task (single-digit addition)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(folder)
+    from rlvr_lightning.data.arithmetic import make_arithmetic_splits
+    from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(device).eval()
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i % 10} + {(3 * i) % 10}?"}],
-                                      tokenize=False, add_generation_prompt=True)
-        for i in range(prompts)
-    ]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).to(device).eval()
+    train, _ = make_arithmetic_splits(200, 0, 0)
+    texts = [build_prompt(tokenizer, train[i % len(train)]["question"], DEFAULT_INSTRUCTION, None) for i in range(prompts)]
+    return model, tokenizer, texts
+
+
+def timing(folder: str, prompts: int, group_size: int, tokens: int, device: torch.device) -> dict[str, object]:
+    model, tokenizer, texts = random_model_and_prompts(folder, prompts, device)
     variants = {
         "static_compiled_cuda_graphs": dict(engine="static", cuda_graphs="auto", compile_decoding="true"),
         "static_cuda_graphs": dict(engine="static", cuda_graphs="auto", compile_decoding="false"),

@@ -32,18 +32,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rows", type=int, default=40, help="table rows to print")
     args = parser.parse_args()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from check_static_engine import random_model_and_prompts  # tools/, beside this script
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    tokenizer.padding_side = "left"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).to(device).eval()
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i % 10} + {(3 * i) % 10}?"}],
-                                      tokenize=False, add_generation_prompt=True)
-        for i in range(args.prompts)
-    ]
+    model, tokenizer, texts = random_model_and_prompts(args.model, args.prompts, device)
 
     def rollout() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
