@@ -328,8 +328,9 @@ def generate_rollout(
     rows leave the batch), ``static`` (``static_engine.sample_static``: a preallocated KV cache
     and one decoding step replayed as a CUDA graph on GPUs, ``cuda_graphs`` ``auto``/``true``/
     ``false``, the step compiled per ``compile_decoding``), ``vllm`` (``vllm_engine``: vLLM in
-    this process, weights synced per rollout; ``vllm_options`` are ``rollout.vllm``), ``hf`` (``model.generate`` on every row, with a ``dynamic`` or
-    ``static`` KV cache and ``compile_decoding`` ``auto``/``true``/``false``, see
+    this process, weights synced per rollout; ``vllm_options`` are ``rollout.vllm``), ``hf``
+    (``model.generate`` on every row, with a ``dynamic`` or ``static`` KV cache and
+    ``compile_decoding`` ``auto``/``true``/``false``, see
     ``_hf_generate``) or ``continuous_batching`` (``model.generate_batch``). Sampling uses the
     global torch RNG; the caller seeds it per step for reproducibility. ``ignore_eos`` forces
     every response to ``max_new_tokens`` tokens; ``synced`` keeps FSDP ranks decoding in
