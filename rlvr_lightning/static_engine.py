@@ -411,8 +411,24 @@ def sample_static(
             finished |= torch.isin(tokens, eos)
             if (t + 1) % check_every == 0 and bool(finished.all()):
                 break
-        del graph
     return result
+
+
+@torch.no_grad()
+def forced_logits(
+    model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, forced: torch.Tensor,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """The engine's logits for each (left-padded) prompt followed by the ``forced`` tokens
+    ``[U, T]``, in the compute dtype: ``[U, T + 1, V]`` float32, comparable position by position
+    with a transformers forward over ``[prompt | forced]`` (the checks of the engine use it)."""
+    decoder = StaticDecoder(model, compute_dtype(model, prompt_ids.device))
+    state = _Decoding(decoder, prompt_ids.shape[0], prompt_ids.shape[1] + forced.shape[1], prompt_ids.device, compiled)
+    logits = [_prefill(decoder, state, prompt_ids, prompt_mask, 1)]
+    for t in range(forced.shape[1]):
+        state.tokens.copy_(forced[:, t])
+        logits.append(state.step())
+    return torch.stack(logits, 1).float()
 
 
 def _prefill(

@@ -23,7 +23,7 @@ from rlvr_lightning.static_engine import (
     StaticDecoder,
     _Decoding,
     _prefill,
-    compute_dtype,
+    forced_logits,
     sample_static,
 )
 
@@ -41,17 +41,6 @@ def _family(name: str, vocab_size: int) -> torch.nn.Module:
     if name == "mistral":
         return MistralForCausalLM(MistralConfig(vocab_size=vocab_size, sliding_window=None, **SHAPE)).eval()
     raise ValueError(name)
-
-
-def _teacher_forced_logits(model, prompt_ids, prompt_mask, forced: torch.Tensor) -> torch.Tensor:
-    """The engine's logits for the prompts (group size 1) followed by ``forced`` tokens: ``[U, T + 1, V]``."""
-    decoder = StaticDecoder(model, compute_dtype(model, prompt_ids.device))
-    state = _Decoding(decoder, prompt_ids.shape[0], prompt_ids.shape[1] + forced.shape[1], prompt_ids.device)
-    logits = [_prefill(decoder, state, prompt_ids, prompt_mask, 1)]
-    for t in range(forced.shape[1]):
-        state.tokens.copy_(forced[:, t])
-        logits.append(state.step())
-    return torch.stack(logits, 1).float()
 
 
 def _reference_logits(model, prompt_ids, prompt_mask, forced: torch.Tensor) -> torch.Tensor:
@@ -83,7 +72,7 @@ def test_forward_matches_transformers_on_left_padded_prompts(tiny, family: str) 
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     assert len(set(encoded["attention_mask"].sum(-1).tolist())) == 3  # three prompt lengths, left-padded
     forced = torch.randint(3, len(tokenizer), (len(PROMPTS), 6), generator=torch.Generator().manual_seed(0))
-    ours = _teacher_forced_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
+    ours = forced_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
     reference = _reference_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
     assert ours.shape == reference.shape
     assert torch.allclose(ours, reference, atol=2e-5, rtol=1e-4), (ours - reference).abs().max()
@@ -147,7 +136,7 @@ def test_bf16_autocast_decodes_in_bf16_close_to_transformers(tiny) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         decoder = StaticDecoder(model, torch.bfloat16)
         assert decoder.layers[0].qkv.dtype == torch.bfloat16 and decoder.lm_head.dtype == torch.bfloat16
-        ours = _teacher_forced_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
+        ours = forced_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
     reference = _reference_logits(model, encoded["input_ids"], encoded["attention_mask"], forced)
     assert (ours - reference).abs().max() < 0.05 * reference.abs().max()
     # Under autocast the rollout runs in bf16 through generate_rollout too.

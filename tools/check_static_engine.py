@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 from rlvr_lightning.models import build_tiny_model  # noqa: E402
 from rlvr_lightning.rollout import generate_rollout  # noqa: E402
-from rlvr_lightning.static_engine import StaticDecoder, _Decoding, _prefill  # noqa: E402
+from rlvr_lightning.static_engine import forced_logits  # noqa: E402
 
 PROMPTS = ["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n", "Hi", "a b c"]
 
@@ -75,18 +75,13 @@ def correctness(device: torch.device) -> dict[str, object]:
         reference = model(input_ids=torch.cat([ids, forced], 1), attention_mask=full_mask,
                           position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1:]
         for name, compiled in (("eager", False), ("compiled", True)):
-            decoder = StaticDecoder(model, torch.float32)
-            state = _Decoding(decoder, len(PROMPTS), ids.shape[1] + forced.shape[1], device, compiled=compiled)
             try:
-                ours = [_prefill(decoder, state, ids, mask, 1)]
-                for t in range(forced.shape[1]):
-                    state.tokens.copy_(forced[:, t])
-                    ours.append(state.step())
+                ours = forced_logits(model, ids, mask, forced, compiled=compiled)
             except Exception as error:  # noqa: BLE001
                 results[f"float32_{name}_error"] = repr(error)[-2000:]
                 traceback.print_exc()
                 continue
-            results[f"float32_{name}_max_logit_difference"] = float((torch.stack(ours, 1) - reference).abs().max())
+            results[f"float32_{name}_max_logit_difference"] = float((ours - reference).abs().max())
     return results
 
 
