@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import threading
 import time
@@ -23,13 +22,7 @@ from rlvr_lightning.rewards import (
     parse_gsm8k_answer,
 )
 
-
-def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the checkout, or ``$RLVR_DATA_DIR``."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data"]
-    if os.environ.get("RLVR_DATA_DIR"):
-        candidates.append(Path(os.environ["RLVR_DATA_DIR"]))
-    return next((path for path in candidates if path.is_dir()), None)
+FIXTURE_DATA = Path(__file__).resolve().parent / "fixtures" / "data"  # a few rows of each benchmark
 
 
 # --- extraction ----------------------------------------------------------------------------
@@ -100,10 +93,7 @@ def test_parse_gsm8k_answer():
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_gsm8k_answer_parses(split):
-    data_dir = shared_data_dir()
-    path = None if data_dir is None else data_dir / "gsm8k" / f"{split}.jsonl"
-    if path is None or not path.is_file():
-        pytest.skip(f"GSM8K {split}.jsonl not found beside the checkout nor in $RLVR_DATA_DIR")
+    path = FIXTURE_DATA / "gsm8k" / f"{split}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert rows
     for row in rows:
@@ -230,7 +220,7 @@ def _misbehaving_numeric_equal(release: threading.Event):
 @pytest.mark.parametrize("in_worker_thread", [False, True])
 def test_raising_and_hanging_checks_score_incorrect_and_are_counted(monkeypatch, in_worker_thread):
     release = threading.Event()
-    monkeypatch.setattr(rewards, "numeric_equal", _misbehaving_numeric_equal(release))
+    monkeypatch.setattr(rewards.verification, "numeric_equal", _misbehaving_numeric_equal(release))
     reward_fn = RewardFunction(timeout_seconds=0.3, format_reward=0.25)
     completions = ["\\boxed{4}", "\\boxed{raise}", "\\boxed{hang}", "\\boxed{5}", "\\boxed{hang}"]
     answers = ["4", "4", "4", "5", "4"]
