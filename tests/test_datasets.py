@@ -1,40 +1,51 @@
-"""File data sets: the benchmark copies through their data configs, answer formats, bad rows."""
+"""Data sets: the benchmark configs' sources (data.path, RLVR_DATA_DIR, the shipped copies, the
+hub), answer formats, bad rows and splits. Benchmark rows come from the fixtures in
+tests/fixtures/data (a few rows of each set, in the RLVR_DATA_DIR layout) and the copies shipped in
+rlvr_lightning/data/benchmarks."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
-import os
+import sys
 import time
+import types
 import warnings
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
 
 from rlvr_lightning.data import JsonlDataModule
-from rlvr_lightning.data.datasets import canonical_number, load_rows, split_rows
+from rlvr_lightning.data import datasets as data_sets
+from rlvr_lightning.data.datasets import (
+    BENCHMARKS_DIR,
+    HubDatasetError,
+    canonical_number,
+    load_rows,
+    resolve_source,
+    split_rows,
+)
 from rlvr_lightning.rewards import RewardFunction, numeric_equal
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
+# A few rows of each benchmark, laid out like an RLVR_DATA_DIR folder: <benchmark>/<split>.jsonl.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
+# The shipped evaluation sets and their sizes.
+SHIPPED = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40}
 
 
-def data_dir() -> Path:
-    """The benchmark copies: ``$RLVR_DATA_DIR``, else ``../shared/data`` beside the checkout."""
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data"]
-    if os.environ.get("RLVR_DATA_DIR"):
-        candidates.insert(0, Path(os.environ["RLVR_DATA_DIR"]))
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    pytest.skip("benchmark data not found: set RLVR_DATA_DIR or put it in ../shared/data")
+@pytest.fixture(autouse=True)
+def no_data_dir(monkeypatch):
+    """Every test starts without RLVR_DATA_DIR (a developer's shell may set it)."""
+    monkeypatch.delenv("RLVR_DATA_DIR", raising=False)
 
 
-def benchmark(name: str) -> Path:
-    path = data_dir() / name / "test.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+def fixture_lines(name: str, split: str = "test") -> list[dict]:
+    text = (FIXTURES / name / f"{split}.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def data_module(data: str, *overrides: str) -> JsonlDataModule:
@@ -48,60 +59,64 @@ def write_jsonl(path: Path, rows: list[object]) -> Path:
     return path
 
 
-# --- the benchmark copies through their configs --------------------------------------------
+def fake_datasets(monkeypatch, load_dataset) -> None:
+    """An importable stand-in for the optional ``datasets`` package (no network, no install)."""
+    module = types.ModuleType("datasets")
+    module.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    module.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", module)
 
 
-def test_every_gsm8k_answer_parses_through_the_data_config() -> None:
-    folder = data_dir()
-    if not (folder / "gsm8k" / "train.jsonl").is_file():
-        pytest.skip("gsm8k/train.jsonl not found")
-    datamodule = data_module(
-        "gsm8k", f"data.path={folder}/gsm8k/train.jsonl",
-        f"data.val_path={folder}/gsm8k/test.jsonl", "data.val_size=null",
-    )
+# --- the shipped evaluation sets ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "rows"), sorted(SHIPPED.items()))
+def test_shipped_sets_are_the_default_and_load_every_row(name: str, rows: int) -> None:
+    datamodule = data_module(name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a skipped row would warn
-        datamodule.setup("fit")
-    assert (len(datamodule.train_rows), len(datamodule.val_rows)) == (7473, 1319)
-    for row in datamodule.train_rows + datamodule.val_rows:
-        assert numeric_equal(row["answer"], row["answer"]), row
-        assert "," not in row["answer"] and "#" not in row["answer"]
+        train, val = datamodule.load_rows()
+    assert (len(train), val) == (rows, [])
+    assert datamodule.train_source == (str(BENCHMARKS_DIR / name / "test.jsonl"), "test")
 
 
-def test_default_paths_resolve_from_another_working_directory(monkeypatch, tmp_path) -> None:
-    """``../shared/data`` in the configs is found relative to the repository root."""
-    if not (REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl").is_file():
-        pytest.skip("../shared/data beside the checkout not found")
-    monkeypatch.delenv("RLVR_DATA_DIR", raising=False)
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_rows_are_the_full_copies_rows(name: str) -> None:
+    """The fixtures are rows of the full copies (solutions and all); the shipped copy, its long
+    fields dropped, gives the same question and answer for each of them."""
+    key = {"math500": "unique_id", "amc23": "question"}.get(name, "problem")
+    records = [json.loads(line) for line in
+               (BENCHMARKS_DIR / name / "test.jsonl").read_text().splitlines()]
+    shipped = dict(zip([record[key] for record in records], data_module(name).load_rows()[0],
+                       strict=True))
+    full = data_module(name, f"data.path={FIXTURES / name / 'test.jsonl'}").load_rows()[0]
+    for record, row in zip(fixture_lines(name), full, strict=True):
+        assert shipped[record[key]]["question"] == row["question"]
+        assert shipped[record[key]]["answer"] == row["answer"]
+
+
+def test_shipped_sets_are_package_data() -> None:
+    """pyproject's package-data globs cover every shipped file (an installed wheel has them)."""
+    tomllib = pytest.importorskip("tomllib")
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["rlvr_lightning.data"]
+    package = REPO / "rlvr_lightning" / "data"
+    files = [path.relative_to(package).as_posix() for path in BENCHMARKS_DIR.rglob("*")
+             if path.is_file()]
+    assert sorted(files) == sorted(["benchmarks/README.md"] + [
+        f"benchmarks/{name}/test.jsonl" for name in SHIPPED])
+    for file in files:
+        assert any(fnmatch(file, pattern) for pattern in patterns), file
+    assert sum((BENCHMARKS_DIR / name / "test.jsonl").stat().st_size for name in SHIPPED) < 1e6
+
+
+def test_shipped_sets_load_from_another_working_directory(monkeypatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
-    datamodule = data_module("gsm8k", "data.limit=5", "data.val_size=3")
-    train, val = datamodule.load_rows()
-    assert len(train) == 5 and len(val) == 3
-
-
-def test_math500_reference_solutions_verify_against_their_answers() -> None:
-    rows = data_module("math500", f"data.path={benchmark('math500')}").load_rows()[0]
-    lines = benchmark("math500").read_text().splitlines()
-    solutions = [json.loads(line)["solution"] for line in lines if line.strip()]
-    assert len(rows) == 500
-    completions = [solutions[row["index"]] for row in rows]
-    answers = [row["answer"] for row in rows]
-    start = time.perf_counter()
-    with RewardFunction(method="math_verify", timeout_seconds=10.0) as reward:
-        matched = reward(completions, answers)
-        # Control: a solution against another problem's answer must not verify.
-        shuffled = reward(completions, answers[1:] + answers[:1])
-    seconds = time.perf_counter() - start
-    accuracy = sum(matched.correct) / len(rows)
-    print(f"MATH500: {accuracy:.3f} of reference solutions verify ({seconds:.1f} s, 1000 checks)")
-    assert accuracy >= 0.98
-    assert sum(shuffled.correct) / len(rows) < 0.1
-    assert matched.num_failures + matched.num_timeouts <= 10
+    assert len(data_module("aime25", "data.limit=5").load_rows()[0]) == 5
 
 
 def test_amc23_float_answers_load_as_integers() -> None:
-    rows = data_module("amc23", f"data.path={benchmark('amc23')}").load_rows()[0]
-    assert len(rows) == 40
+    rows = data_module("amc23").load_rows()[0]
     assert rows[0]["answer"] == "27"
     assert all("." not in row["answer"] for row in rows)
     assert "-1" in {row["answer"] for row in rows}
@@ -109,11 +124,139 @@ def test_amc23_float_answers_load_as_integers() -> None:
 
 @pytest.mark.parametrize("name", ["aime24", "aime25"])
 def test_aime_answers_are_canonical_integers(name: str) -> None:
-    rows = data_module(name, f"data.path={benchmark(name)}").load_rows()[0]
-    assert len(rows) == 30
+    rows = data_module(name).load_rows()[0]
     for row in rows:
         assert row["question"] and 0 <= int(row["answer"]) <= 999
         assert row["answer"] == str(int(row["answer"]))  # "025" -> "25"
+    if name == "aime24":
+        assert "25" in {row["answer"] for row in rows}  # written "025" in the file
+
+
+# --- RLVR_DATA_DIR, data.path and the hub ----------------------------------------------------
+
+
+def test_gsm8k_reads_train_and_test_from_rlvr_data_dir(monkeypatch) -> None:
+    monkeypatch.setenv("RLVR_DATA_DIR", str(FIXTURES))
+    datamodule = data_module("gsm8k", "data.val_size=null")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped row would warn
+        datamodule.setup("fit")
+    assert datamodule.train_source == (str(FIXTURES / "gsm8k" / "train.jsonl"), "train")
+    assert datamodule.val_source == (str(FIXTURES / "gsm8k" / "test.jsonl"), "test")
+    train, val = datamodule.train_rows, datamodule.val_rows
+    assert (len(train), len(val)) == (len(fixture_lines("gsm8k", "train")), 9)
+    assert [row["question"] for row in val] == [r["question"] for r in fixture_lines("gsm8k")]
+    answers = {row["answer"] for row in train + val}
+    assert {"1080", "850000", "-7", "114200", "-10"} <= answers  # "1,080" and negatives
+    for row in train + val:
+        assert numeric_equal(row["answer"], row["answer"]), row
+        assert "," not in row["answer"] and "#" not in row["answer"]
+    # The test split for evaluation, the same way.
+    test = data_module("gsm8k", "data.split=test").load_rows()[0]
+    assert [row["question"] for row in test] == [row["question"] for row in val]
+
+
+def test_rlvr_data_dir_overrides_the_shipped_copy(monkeypatch, tmp_path) -> None:
+    (tmp_path / "math500").mkdir()
+    write_jsonl(tmp_path / "math500" / "test.jsonl", [{"problem": "1 + 1?", "answer": "2"}])
+    monkeypatch.setenv("RLVR_DATA_DIR", str(tmp_path))
+    assert data_module("math500").load_rows()[0] == [
+        {"question": "1 + 1?", "answer": "2", "index": 0}]
+
+
+def test_rlvr_data_dir_without_the_file_says_where_it_looked(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("RLVR_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as caught:
+        data_module("amc23").load_rows()
+    message = str(caught.value)
+    assert "amc23/test.jsonl" in message and str(tmp_path) in message
+    assert "data.path=" in message and "unset RLVR_DATA_DIR to read the copy shipped" in message
+    with pytest.raises(FileNotFoundError, match="hub data set 'openai/gsm8k'"):
+        data_module("gsm8k").load_rows()
+
+
+def test_data_path_overrides_rlvr_data_dir(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("RLVR_DATA_DIR", str(FIXTURES))
+    train = write_jsonl(tmp_path / "mine.jsonl", [{"question": "q", "answer": "#### 3"}])
+    val = write_jsonl(tmp_path / "mine_val.jsonl", [{"question": "v", "answer": "#### 4"}])
+    datamodule = data_module("gsm8k", f"data.path={train}")
+    rows, val_rows = datamodule.load_rows()
+    assert rows == [{"question": "q", "answer": "3", "index": 0}]
+    assert datamodule.val_source == (str(FIXTURES / "gsm8k" / "test.jsonl"), "test")
+    assert len(val_rows) == 9
+    datamodule = data_module("gsm8k", f"data.path={train}", f"data.val_path={val}")
+    assert datamodule.load_rows()[1] == [{"question": "v", "answer": "4", "index": 0}]
+    # An explicit file beats the shipped copy too.
+    assert data_module("math500", f"data.path={FIXTURES / 'math500' / 'test.jsonl'}").load_rows(
+    )[0][0]["question"].startswith("Convert the point $(0,3)$")
+
+
+def test_gsm8k_without_a_local_copy_reads_the_hub(monkeypatch) -> None:
+    calls = []
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return [{"question": f"{split} question", "answer": "#### 1"}]
+
+    fake_datasets(monkeypatch, load_dataset)
+    train, val = data_module("gsm8k").load_rows()
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert train[0]["question"] == "train question" and val[0]["question"] == "test question"
+
+
+def test_the_hub_split_of_aime24_is_train(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(data_sets, "BENCHMARKS_DIR", tmp_path)  # no shipped copy
+    assert resolve_source(None, "test", "aime24", "HuggingFaceH4/aime_2024",
+                          {"test": "train"}) == ("HuggingFaceH4/aime_2024", "train")
+    datamodule = data_module("aime24")
+    assert datamodule.resolve(None, "test") == ("HuggingFaceH4/aime_2024", "train")
+
+
+def test_offline_hub_load_names_the_data_set_and_the_local_ways(monkeypatch) -> None:
+    def offline(name, subset, split):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    fake_datasets(monkeypatch, offline)
+    start = time.perf_counter()
+    with pytest.raises(HubDatasetError) as caught:
+        data_module("gsm8k").load_rows()
+    assert time.perf_counter() - start < 5
+    message = str(caught.value)
+    for part in ("'openai/gsm8k'", "split 'train'", "ConnectionError", "data.path=",
+                 "RLVR_DATA_DIR", "gsm8k/train.jsonl"):
+        assert part in message, part
+    assert isinstance(caught.value.__cause__, ConnectionError)
+
+
+def test_missing_datasets_package_names_the_data_set_and_the_local_ways(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ImportError) as caught:
+        data_module("gsm8k").load_rows()
+    message = str(caught.value)
+    for part in ("'openai/gsm8k'", "pip install datasets", "data.path=", "RLVR_DATA_DIR"):
+        assert part in message, part
+
+
+def test_a_hub_source_needs_a_split(monkeypatch) -> None:
+    fake_datasets(monkeypatch, lambda name, subset, split: [])
+    with pytest.raises(ValueError, match="data.split"):
+        load_rows("org/name", split=None)
+
+
+def test_math500_reference_solutions_verify_against_their_answers() -> None:
+    """The fixture's MATH500 rows span the answer kinds (fractions, roots, text, a list, a
+    tuple, an interval, a matrix, a polynomial); their worked solutions verify against their
+    answers, and not against another row's."""
+    rows = data_module("math500", f"data.path={FIXTURES / 'math500' / 'test.jsonl'}").load_rows()[0]
+    solutions = [record["solution"] for record in fixture_lines("math500")]
+    assert len(rows) == len(solutions) == 14
+    completions = [solutions[row["index"]] for row in rows]
+    answers = [row["answer"] for row in rows]
+    with RewardFunction(method="math_verify", timeout_seconds=10.0) as reward:
+        matched = reward(completions, answers)
+        shuffled = reward(completions, answers[1:] + answers[:1])
+    assert all(matched.correct), [a for a, c in zip(answers, matched.correct, strict=True) if not c]
+    assert not any(shuffled.correct)
 
 
 # --- formats and bad rows ------------------------------------------------------------------
@@ -189,17 +332,59 @@ def test_missing_file_raises_with_the_fix(tmp_path) -> None:
     assert "data.path=" in str(caught.value)
 
 
-def test_parquet_and_hub_sources_name_the_missing_package(tmp_path) -> None:
+def test_parquet_source_names_the_missing_package(tmp_path) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("pyarrow") is None:
-        parquet = tmp_path / "d.parquet"
-        parquet.write_bytes(b"PAR1")
-        with pytest.raises(ImportError, match="pip install pyarrow"):
-            load_rows(parquet)
-    if importlib.util.find_spec("datasets") is None:
-        with pytest.raises(ImportError, match="pip install datasets"):
-            load_rows("openai/gsm8k")
+    if importlib.util.find_spec("pyarrow") is not None:
+        pytest.skip("pyarrow is installed")
+    parquet = tmp_path / "d.parquet"
+    parquet.write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        load_rows(parquet)
+
+
+# --- text that is not UTF-8 -----------------------------------------------------------------
+
+
+def test_lines_that_are_not_utf8_are_skipped_counted_and_named(tmp_path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"question": "What is 1 + 1?", "answer": "2"}\n'
+        + '{"question": "Combien font 2 + 2 ? R\u00e9ponse", "answer": "4"}\n'.encode("latin-1")
+        + b"{not json\n"
+        + b'{"question": "What is 2 + 3?", "answer": "5"}\n'
+    )
+    with pytest.warns(UserWarning) as caught:
+        rows = load_rows(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert str(path) in message and "skipped 2 malformed row(s) of 4" in message
+    assert "1 not UTF-8" in message and "1 invalid JSON" in message
+    assert "byte 0xe9" in message and "of line 2" in message
+    assert [row["answer"] for row in rows] == ["2", "5"]
+    assert [row["index"] for row in rows] == [0, 3]
+
+
+def test_a_latin1_file_is_reported_not_a_unicode_error(tmp_path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes("".join(json.dumps({"question": f"Caf\u00e9 {i}?", "answer": str(i)},
+                                        ensure_ascii=False) + "\n" for i in range(3))
+                     .encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl has no usable row.*3 skipped.*not UTF-8"):
+        load_rows(path)
+    array = tmp_path / "latin1.json"
+    array.write_bytes('[{"question": "Caf\u00e9?", "answer": "1"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json is not UTF-8: byte 0xe9 on line 1"):
+        load_rows(array)
+
+
+def test_a_utf8_byte_order_mark_is_read(tmp_path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"question": "q\xc3\xa9", "answer": "1"}\n')
+    assert load_rows(path) == [{"question": "q\u00e9", "answer": "1", "index": 0}]
+    array = tmp_path / "bom.json"
+    array.write_bytes(b'\xef\xbb\xbf[{"question": "q", "answer": "1"}]')
+    assert load_rows(array)[0]["question"] == "q"
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -239,3 +424,9 @@ def test_every_data_config_composes(name: str) -> None:
     module = instantiate(cfg.data)
     assert isinstance(module, JsonlDataModule)
     assert module.prompts_per_step == cfg.rollout.prompts_per_step
+
+
+def test_data_configs_name_no_folder_outside_the_project() -> None:
+    for config in (REPO / "rlvr_lightning" / "conf" / "data").glob("*.yaml"):
+        text = config.read_text()
+        assert "../" not in text and "oc.env" not in text, config.name
