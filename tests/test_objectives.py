@@ -1,8 +1,8 @@
-"""Per-token gradients and values of every objective against ALGORITHMS.md (sections 1-3, 5).
+"""Per-token gradients and values of every objective against docs/algorithms.md (sections 1-3, 5).
 
 Each test builds ``logp`` as a float64 leaf, computes the loss through ``compute_loss``,
 back-propagates, and compares ``logp.grad`` with ``w_t * g_t`` where ``g_t`` comes from the
-formulas of ALGORITHMS.md (written out below, independently of the implementation) and ``w_t``
+formulas of docs/algorithms.md (written out below, independently of the implementation) and ``w_t``
 is the aggregation weight of section 1.
 """
 
@@ -124,7 +124,7 @@ def close(actual, expected, atol=1e-12):
 
 
 def ppo_expected(r, a, eps_low, eps_high, dual_clip=None):
-    """(l, g) of one token from ALGORITHMS.md 2.1 (with dual clip)."""
+    """(l, g) of one token from docs/algorithms.md 2.1 (with dual clip)."""
     lower, upper = 1.0 - eps_low, 1.0 + eps_high
     clipped = min(max(r, lower), upper)
     loss = -min(r * a, clipped * a)
@@ -140,7 +140,7 @@ def ppo_expected(r, a, eps_low, eps_high, dual_clip=None):
 
 
 def gppo_expected(r, a, eps_low, eps_high, beta1, beta2, dual_clip=None):
-    """(l, g) of one token from ALGORITHMS.md 2.5."""
+    """(l, g) of one token from docs/algorithms.md 2.5."""
     if a < 0 and r < 1.0 - eps_low:  # left side
         return -beta1 * (1.0 - eps_low) * a, -beta1 * (1.0 - eps_low) * a
     if a > 0 and r > 1.0 + eps_high:  # right side
@@ -558,7 +558,9 @@ def test_erc_applies_to_every_objective(name):
             generator=torch.Generator().manual_seed(0),
         )
 
-    params = params_for(name, options={"clip_cov_ratio": 0.5, "kl_cov_ratio": 0.5})
+    # Only the options the objective declares (unknown ones are errors).
+    options = {"clip_cov": {"clip_cov_ratio": 0.5}, "kl_cov": {"kl_cov_ratio": 0.5}}.get(name, {})
+    params = params_for(name, options=options)
     base = ControlState(beta1=0.5, beta2=1.0)
     erc = ControlState(beta1=0.5, beta2=1.0, erc_beta_low=0.05, erc_beta_high=0.05)
     loss_plain, grad_plain, _ = run(name, batch(), base, params)

@@ -14,7 +14,7 @@ import pytest
 from rlvr_lightning.train import run
 from tests.conftest import TINY_OVERRIDES, compose_config, read_scalars
 
-OBJECTIVE_DIR = Path(__file__).resolve().parents[1] / "conf" / "objective"
+OBJECTIVE_DIR = Path(__file__).resolve().parents[1] / "rlvr_lightning" / "conf" / "objective"
 OBJECTIVES = sorted(path.stem for path in OBJECTIVE_DIR.glob("*.yaml"))
 
 # 2 rollouts, validation once at the end, 4 updates per rollout.
@@ -79,6 +79,33 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "erc_dapo": ((), objective_tags(*PPO_CLIP, *ERC, *IN_FORCE) + DYNAMIC_SAMPLING),
     "erc_gppo": ((), objective_tags(*PPO_CLIP, *GPPO, *ERC, *IN_FORCE)),
+    "sapo": (
+        (),
+        objective_tags(
+            "sapo_weight_mean_pos", "sapo_weight_mean_neg", "sapo_attenuated_fraction", *RATIO
+        ),
+    ),
+    "gmpo": (
+        (),
+        objective_tags(
+            "clip_low_fraction",
+            "clip_high_fraction",
+            "sequence_ratio_mean",
+            "sequence_ratio_max",
+            *IN_FORCE,
+        ),
+    ),
+    # Binary-KL here; the Binary-TV default runs in tests/test_objectives_next.py.
+    "dppo": (
+        ("objective.options.variant=kl",),
+        objective_tags(
+            "dppo_masked_high_fraction",
+            "dppo_masked_low_fraction",
+            "dppo_divergence_mean",
+            "dppo_ratio_truncated_fraction",
+            *RATIO,
+        ),
+    ),
 }
 
 COMMON = (
@@ -119,7 +146,7 @@ def test_objective_trains_and_logs_its_metrics(objective: str, tmp_path: Path) -
         if tag.endswith("_fraction"):
             assert all(0.0 <= value <= 1.0 for _, value in scalars[tag]), f"{tag}: {scalars[tag]}"
     if "sampling/generation_batches" in tags:
-        limit = int(cfg.objective.max_num_gen_batches)
+        limit = int(cfg.sampling.max_generation_batches)
         assert all(1 <= value <= limit for _, value in scalars["sampling/generation_batches"])
     if objective == "grpo":
         # KL to the reference is 0 before the first update and >= 0 (k3 estimator) after.

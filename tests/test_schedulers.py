@@ -1,4 +1,4 @@
-"""Schedules and the entropy controller against ALGORITHMS.md sections 4.2 to 4.4.
+"""Schedules and the entropy controller against docs/algorithms.md sections 4.2 to 4.4.
 
 The expected bounds are written out from the formulas here, independently of the mixing
 weights the schedules write, and compared with what ``ControlState.clip_bounds`` produces.
@@ -29,7 +29,7 @@ from rlvr_lightning.schedulers import (
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28  # asymmetric, so a swapped eps_std shows up
 PROBS = torch.tensor([0.001, 0.2, 0.5, 0.8, 0.999], dtype=torch.float64)
-CONF = Path(__file__).resolve().parents[1] / "conf" / "scheduler"
+CONF = Path(__file__).resolve().parents[1] / "rlvr_lightning" / "conf" / "scheduler"
 
 
 def step(k: int, total: int = 20, entropy: float = 1.0) -> StepInfo:
@@ -200,7 +200,7 @@ def test_oscillatory_initial_state_and_first_step_rule():
 
 def test_beta_stages_in_steps_and_fractions():
     control = ControlState(beta1=0.75, beta2=0.9)
-    stages = BetaStages([(5, 0.0, 1.0), (10, 0.5, 1.0)])
+    stages = BetaStages([(5, 0.0, 1.0), (10, 0.5, 1.0)], unit="step")
     seen = []
     for k in range(15):
         stages.update(control, step(k, 20))
@@ -224,7 +224,7 @@ def test_beta_stages_in_steps_and_fractions():
     "kwargs, message",
     [
         ({"stages": [(0, 0.0, 1.0), (0, 0.5, 1.0)]}, "strictly increasing"),
-        ({"stages": [(5, 0.0, 1.0), (2, 0.5, 1.0)]}, "strictly increasing"),
+        ({"stages": [(5, 0.0, 1.0), (2, 0.5, 1.0)], "unit": "step"}, "strictly increasing"),
         ({"stages": [(0, -0.1, 1.0)]}, "beta1 must be finite and >= 0"),
         ({"stages": [(0, 0.1, -1.0)]}, "beta2 must be finite and >= 0"),
         ({"stages": [(0, 0.1)]}, r"must be \(step, beta1, beta2\)"),
@@ -334,7 +334,8 @@ def first_order_plant(controller: TargetEntropy, targets_steps: int, entropy: fl
 
 
 def test_controller_tracks_constant_target_on_first_order_plant():
-    controller = TargetEntropy(target_start=1.2, kp=0.3, ki=0.05, max_change_per_step=0.05)
+    controller = TargetEntropy(target_start=1.2, curve="constant", relative_to_initial=False,
+                               kp=0.3, ki=0.05, max_change_per_step=0.05)
     history = first_order_plant(controller, 150)
     tail = [h for h, *_ in history[-30:]]
     assert max(abs(h - 1.2) for h in tail) < 0.01
@@ -347,8 +348,8 @@ def test_controller_tracks_constant_target_on_first_order_plant():
 
 def test_controller_follows_a_falling_curve():
     total = 200
-    controller = TargetEntropy(target_start=2.0, target_end=1.0, curve="cosine", kp=0.5, ki=0.1,
-                               max_change_per_step=0.05)
+    controller = TargetEntropy(target_start=2.0, target_end=1.0, curve="cosine",
+                               relative_to_initial=False, kp=0.5, ki=0.1, max_change_per_step=0.05)
     history = first_order_plant(controller, total, total=total)
     for k, (entropy, _, _, info) in enumerate(history):
         want = 1.0 + 0.5 * (1 + math.cos(math.pi * k / total))
@@ -359,8 +360,8 @@ def test_controller_follows_a_falling_curve():
 
 def test_controller_saturation_anti_windup_and_rate_limit():
     rate = 0.01
-    controller = TargetEntropy(target_start=10.0, kp=0.5, ki=0.2, eps_min=0.05, eps_max=0.4,
-                               max_change_per_step=rate)
+    controller = TargetEntropy(target_start=10.0, curve="constant", relative_to_initial=False,
+                               kp=0.5, ki=0.2, eps_min=0.05, eps_max=0.4, max_change_per_step=rate)
     control = ControlState(eps_low=0.2, eps_high=0.2)
     # A plant that cannot reach the target: entropy stays at 1.
     integrals, eps = [], [(0.2, 0.2)]
@@ -386,14 +387,16 @@ def test_controller_saturation_anti_windup_and_rate_limit():
 def test_controller_holds_the_integral_while_rate_limited():
     """Conditional integration: while both actuators ramp at their rate limit towards a
     reachable output, the integral does not grow; it resumes once they can follow."""
-    controller = TargetEntropy(target_start=1.5, kp=0.2, ki=0.01, max_change_per_step=0.001)
+    controller = TargetEntropy(target_start=1.5, curve="constant", relative_to_initial=False,
+                               kp=0.2, ki=0.01, max_change_per_step=0.001)
     control = ControlState(eps_low=0.2, eps_high=0.2)
     for k in range(20):  # wanted u = 0.2 * 0.5 = 0.1, far more than 0.001 a step
         controller.update(control, step(k, 100, 1.0))
         assert control.info["controller_saturated"] == 1.0
         assert control.info["controller_integral"] == 0.0
     assert control.eps_high == pytest.approx(0.22) and control.eps_low == pytest.approx(0.18)
-    fast = TargetEntropy(target_start=1.5, kp=0.2, ki=0.01, max_change_per_step=1.0)
+    fast = TargetEntropy(target_start=1.5, curve="constant", relative_to_initial=False,
+                         kp=0.2, ki=0.01, max_change_per_step=1.0)
     fast.update(control, step(0, 100, 1.0))
     assert control.info["controller_saturated"] == 0.0
     assert control.info["controller_integral"] == pytest.approx(0.5)
@@ -401,7 +404,8 @@ def test_controller_holds_the_integral_while_rate_limited():
 
 def test_controller_beta_mode_moves_the_right_way():
     control = ControlState(beta1=0.5, beta2=1.0)
-    controller = TargetEntropy(target_start=2.0, actuator="beta", kp=0.1, ki=0.0,
+    controller = TargetEntropy(target_start=2.0, curve="constant", relative_to_initial=False,
+                               actuator="beta", kp=0.1, ki=0.0,
                                max_change_per_step=None, beta_max=1.5)
     controller.update(control, step(0, 10, 1.0))  # entropy too low by 1 nat: u = 0.1
     assert control.beta2 == pytest.approx(1.1) and control.beta1 == pytest.approx(0.4)
@@ -419,7 +423,7 @@ def test_controller_relative_target_and_callable_target():
     assert control.info["target_entropy"] == pytest.approx(2.0)
     relative.update(control, step(5, 10, 1.0))
     assert control.info["target_entropy"] == pytest.approx(1.5)
-    function = TargetEntropy(target_fn=lambda k, total: 3.0 - k / total)
+    function = TargetEntropy(target_fn=lambda k, total: 3.0 - k / total, relative_to_initial=False)
     function.update(control, step(4, 8, 1.0))
     assert control.info["target_entropy"] == pytest.approx(2.5)
     assert control.info["entropy_error"] == pytest.approx(1.5)
@@ -467,7 +471,8 @@ def simulate_softmax_policy(controller: TargetEntropy | None, steps: int, seed: 
 
 def test_controller_holds_entropy_of_a_softmax_policy():
     steps, target = 250, 2.0
-    controller = TargetEntropy(target_start=target, kp=1.0, ki=0.2, max_change_per_step=0.1)
+    controller = TargetEntropy(target_start=target, curve="constant", relative_to_initial=False,
+                               kp=1.0, ki=0.2, max_change_per_step=0.1)
     controlled = simulate_softmax_policy(controller, steps)
     tail = controlled[-100:]
     assert abs(sum(tail) / len(tail) - target) < 0.15
@@ -498,10 +503,11 @@ CALLBACKS = {
     "id": lambda: IncreaseThenDecrease(phase_split=0.4),
     "did": lambda: DecreaseIncreaseDecrease(),
     "od": lambda: OscillatoryDecay(min_ratio=0.3),
-    "beta_stages": lambda: BetaStages([(0, 0.0, 1.0), (20, 0.5, 1.0)]),
+    "beta_stages": lambda: BetaStages([(0, 0.0, 1.0), (20, 0.5, 1.0)], unit="step"),
     "target_clip": lambda: TargetEntropy(target_start=1.0, target_end=0.5, curve="linear",
                                          relative_to_initial=True, kp=0.2, ki=0.05),
-    "target_beta": lambda: TargetEntropy(target_start=1.5, actuator="beta", kp=0.2, ki=0.1),
+    "target_beta": lambda: TargetEntropy(target_start=1.5, curve="constant", relative_to_initial=False,
+                                         actuator="beta", kp=0.2, ki=0.1),
 }
 
 

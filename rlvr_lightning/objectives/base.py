@@ -1,4 +1,4 @@
-"""Objective interface, registry and loss aggregation (ALGORITHMS.md sections 1 and 2.9).
+"""Objective interface, registry and loss aggregation (docs/algorithms.md sections 1 and 2.9).
 
 An objective is a pure tensor function: it gets one micro-batch of per-token tensors
 (``PolicyBatch``), the thresholds in force (``ControlState``) and its own parameters, and
@@ -9,15 +9,20 @@ the extras of section 2.9.
 
 Adding an objective is one function plus one decorator::
 
-    @register_objective("my_loss", aggregation="token-mean")
+    @register_objective("my_loss", aggregation="token-mean", options={"my_scale": 1.0})
     def my_loss(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> ObjectiveTerms:
+        scale = float(params.options.get("my_scale", 1.0))
         ...
+
+The registry is the one home of an objective's defaults: ``aggregation`` applies whenever
+``objective.aggregation`` is null, and ``options`` names every key the objective reads from
+``objective.options`` with its default; any other key is an error (``check_objective_options``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,12 +74,14 @@ class LossNormalizer:
 class ObjectiveParams:
     """Per-objective settings that are not control state (which schedules may change)."""
 
-    aggregation: str = "token-mean"
+    # None: the objective's registered default (``ObjectiveSpec.default_aggregation``).
+    aggregation: str | None = None
     # Extras of section 2.9, combinable with any objective.
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
     nll_coef: float = 0.0
-    # Objective-specific options (Clip-Cov / KL-Cov ratios, GSPO log clamp, ...).
+    # Objective-specific options (Clip-Cov / KL-Cov ratios, GSPO log clamp, ...); only the names
+    # the objective declares (``ObjectiveSpec.options``), absent ones take their defaults.
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,25 +103,53 @@ class ObjectiveSpec:
     default_aggregation: str
     uses_clipping: bool
     doc: str
+    # Every key the objective reads from ``ObjectiveParams.options``, with its default.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ObjectiveSpec] = {}
 
 
 def register_objective(
-    name: str, *, aggregation: str = "token-mean", uses_clipping: bool = True
+    name: str,
+    *,
+    aggregation: str = "token-mean",
+    uses_clipping: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Register ``fn`` under ``name``. ``uses_clipping`` drives the one-update warning."""
+    """Register ``fn`` under ``name``.
+
+    ``aggregation`` is the default when ``objective.aggregation`` is null; ``options`` maps
+    every key ``fn`` reads from ``params.options`` to its default (none: the objective takes no
+    options); ``uses_clipping`` drives the one-update warning.
+    """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
 
     def decorator(fn: ObjectiveFn) -> ObjectiveFn:
         if name in _REGISTRY:
             raise ValueError(f"objective {name!r} is registered twice")
-        _REGISTRY[name] = ObjectiveSpec(name, fn, aggregation, uses_clipping, (fn.__doc__ or "").strip())
+        _REGISTRY[name] = ObjectiveSpec(
+            name,
+            fn,
+            aggregation,
+            uses_clipping,
+            (fn.__doc__ or "").strip(),
+            dict(options or {}),
+        )
         return fn
 
     return decorator
+
+
+def declare_objective_options(name: str, **defaults: Any) -> None:
+    """Declare the option names objective ``name`` reads, with their defaults.
+
+    The same as ``register_objective(..., options=...)``, for an objective registered without
+    them (``objectives/__init__.py`` declares those of the built-in objectives).
+    """
+    spec = get_objective(name)
+    _REGISTRY[name] = replace(spec, options={**spec.options, **defaults})
 
 
 def get_objective(name: str) -> ObjectiveSpec:
@@ -127,6 +162,39 @@ def get_objective(name: str) -> ObjectiveSpec:
 
 def available_objectives() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def objective_options(name: str) -> dict[str, Any]:
+    """The options objective ``name`` reads, with their defaults (empty: it takes none)."""
+    return dict(get_objective(name).options)
+
+
+def check_objective_options(name: str, options: Mapping[str, Any] | None) -> None:
+    """Raise ValueError for a key of ``options`` that objective ``name`` does not read.
+
+    The message names the key, the objective and the allowed keys, e.g.
+    ``objective.options.clip_cov_ration is unknown for objective 'clip_cov'; allowed:
+    clip_cov_lower, clip_cov_ratio, clip_cov_upper``.
+    """
+    allowed = get_objective(name).options
+    unknown = [str(key) for key in (options or {}) if key not in allowed]
+    if not unknown:
+        return
+    keys = ", ".join(f"objective.options.{key}" for key in unknown)
+    verb = "is" if len(unknown) == 1 else "are"
+    if allowed:
+        hint = f"allowed: {', '.join(sorted(allowed))}"
+    else:
+        hint = "this objective takes no options"
+    raise ValueError(f"{keys} {verb} unknown for objective {name!r}; {hint}")
+
+
+def resolve_aggregation(name: str, aggregation: str | None) -> str:
+    """``aggregation``, or objective ``name``'s registered default when it is None."""
+    mode = get_objective(name).default_aggregation if aggregation is None else aggregation
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+    return mode
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -198,8 +266,12 @@ def compute_loss(
 
     Metrics are plain token means over this micro-batch's mask (not the loss aggregation),
     prefixed ``objective/``; the caller averages them over micro-batches weighted by tokens.
+    Raises ValueError for an option the objective does not read (``check_objective_options``);
+    ``params.aggregation`` None takes the objective's registered default.
     """
     spec = get_objective(name)
+    check_objective_options(name, params.options)
+    aggregation = resolve_aggregation(name, params.aggregation)
     terms = spec.fn(batch, control, params)
     per_token = terms.per_token_loss
     metrics = {f"objective/{k}": v.detach() for k, v in terms.metrics.items()}
@@ -230,7 +302,7 @@ def compute_loss(
         per_token = per_token + params.kl_coef * kl
         metrics["objective/kl_ref"] = masked_mean(kl.detach(), mask)
 
-    loss = aggregate(per_token, mask, params.aggregation, normalizer)
+    loss = aggregate(per_token, mask, aggregation, normalizer)
     metrics["objective/policy_loss"] = masked_mean(terms.per_token_loss.detach(), mask)
 
     if params.entropy_coef:

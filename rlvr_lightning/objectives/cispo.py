@@ -1,4 +1,4 @@
-"""CISPO: clip the importance-sampling weight, never the token's gradient (ALGORITHMS.md 2.6).
+"""CISPO: clip the importance-sampling weight, never the token's gradient (docs/algorithms.md 2.6).
 
 From MiniMax-M1 (arXiv 2506.13585), equations 4-5.
 """

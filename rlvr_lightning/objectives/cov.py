@@ -1,4 +1,4 @@
-"""Clip-Cov and KL-Cov: act on the few tokens with the largest covariance (ALGORITHMS.md 2.8).
+"""Clip-Cov and KL-Cov: act on the few tokens with the largest covariance (docs/algorithms.md 2.8).
 
 From "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models"
 (arXiv 2505.22617), section 4. Entropy falls with the covariance between a token's advantage

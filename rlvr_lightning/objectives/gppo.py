@@ -1,4 +1,4 @@
-"""GPPO and CE-GPPO: PPO clip that keeps a bounded gradient on clipped tokens (ALGORITHMS.md 2.5).
+"""GPPO and CE-GPPO: PPO clip that keeps a bounded gradient on clipped tokens (docs/algorithms.md 2.5).
 
 GPPO is from Klear-Reasoner (arXiv 2508.07629); CE-GPPO (arXiv 2509.20712) adds one coefficient
 per side so the entropy can be steered. Both share ``gppo_terms``.
@@ -66,7 +66,7 @@ def gppo_terms(
 
 @register_objective("gppo", aggregation="token-mean")
 def gppo(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> ObjectiveTerms:
-    """GPPO (arXiv 2508.07629, Klear-Reasoner): CE-GPPO with beta1 = beta2 = 1 (ALGORITHMS.md 2.5).
+    """GPPO (arXiv 2508.07629, Klear-Reasoner): CE-GPPO with beta1 = beta2 = 1 (docs/algorithms.md 2.5).
 
     The clipped tokens keep the gradient ``-(1-E-)*A`` (left side: A<0, r<1-E-) and
     ``-(1+E+)*A`` (right side: A>0, r>1+E+). ``control.beta1`` and ``control.beta2`` are
@@ -84,6 +84,6 @@ def ce_gppo(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) 
     POSITIVE-advantage, high-ratio side (A>0, r>1+E+, mostly PA&LP tokens, entropy-increasing:
     exploration). One sentence of the paper's section 3.2 states the reverse assignment; the
     paper's equations, its section 5.1 and the released code agree with the assignment used
-    here (ALGORITHMS.md 2.5). beta1 = beta2 = 0 gives PPO's gradients, beta1 = beta2 = 1 GPPO.
+    here (docs/algorithms.md 2.5). beta1 = beta2 = 0 gives PPO's gradients, beta1 = beta2 = 1 GPPO.
     """
     return gppo_terms(batch, control, beta1=control.beta1, beta2=control.beta2)

@@ -1,4 +1,4 @@
-"""GSPO: one length-normalised importance ratio per sequence (ALGORITHMS.md 2.7).
+"""GSPO: one length-normalised importance ratio per sequence (docs/algorithms.md 2.7).
 
 From Group Sequence Policy Optimization (arXiv 2507.18071), equations 5-7 and the token form
 of section 4.3.

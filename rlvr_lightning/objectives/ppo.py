@@ -1,4 +1,4 @@
-"""PPO-clip family: PPO, GRPO, DAPO, Dr. GRPO (ALGORITHMS.md sections 2.1 to 2.4).
+"""PPO-clip family: PPO, GRPO, DAPO, Dr. GRPO (docs/algorithms.md sections 2.1 to 2.4).
 
 They share one per-token loss, the PPO clipped surrogate with separate ``eps_low`` and
 ``eps_high`` (clip-higher when ``eps_high > eps_low``) and optional dual clip; they differ in
@@ -87,7 +87,7 @@ def ppo_clip_terms(batch: PolicyBatch, control: ControlState) -> ObjectiveTerms:
 
 @register_objective("ppo", aggregation="token-mean")
 def ppo(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> ObjectiveTerms:
-    """PPO clip with separate eps_low / eps_high and optional dual clip (ALGORITHMS.md 2.1).
+    """PPO clip with separate eps_low / eps_high and optional dual clip (docs/algorithms.md 2.1).
 
     Gradient ``d l/d logp = -A*r`` except 0 on clip-low (A<0, r<1-eps_low), clip-high
     (A>0, r>1+eps_high) and dual-clip (A<0, r>c) events.

@@ -1,4 +1,4 @@
-"""Schedules and a closed-loop controller for the clip thresholds (ALGORITHMS.md section 4).
+"""Schedules and a closed-loop controller for the clip thresholds (docs/algorithms.md section 4).
 
 Every class here is a ``ControlCallback``: the training module calls ``update(control, info)``
 once per rollout, after the rollout's entropy is measured and before the policy updates that
@@ -85,9 +85,9 @@ class _AnnealSchedule(ControlCallback):
 
     def __init__(
         self,
-        field: str | Sequence[str],
-        start: float | Sequence[float],
-        end: float | Sequence[float],
+        field: str | Sequence[str] = "eps_high",
+        start: float | Sequence[float] = 0.28,
+        end: float | Sequence[float] = 0.2,
         start_step: int = 0,
         end_step: int | None = None,
     ) -> None:
@@ -170,6 +170,9 @@ class LinearSchedule(_AnnealSchedule):
         field: a field name (``"eps_high"``, ``"beta1"``, ``"erc_beta_high"``, ...) or a list.
         start, end: one value, or one per field.
         start_step, end_step: the annealing window in rollouts.
+
+    The defaults (as ``conf/scheduler/linear.yaml``) relax clip-high early and tighten it:
+    ``eps_high`` from DAPO's 0.28 to the symmetric 0.2 over the whole run.
     """
 
     def value(self, start: float, end: float, fraction: float) -> float:
@@ -249,7 +252,7 @@ class _PhasedSchedule(_ProbBoundSchedule):
 
 
 class IncreaseThenDecrease(_PhasedSchedule):
-    """Increase-then-decrease (ID) bounds, arXiv 2602.09782 (ALGORITHMS.md section 4.3).
+    """Increase-then-decrease (ID) bounds, arXiv 2602.09782 (docs/algorithms.md section 4.3).
 
     With ``lam = 1 - 2k/T`` (for ``phase_split = 0.5``; see ``phase_and_lambda``):
 
@@ -272,7 +275,7 @@ class IncreaseThenDecrease(_PhasedSchedule):
 
 
 class DecreaseIncreaseDecrease(_PhasedSchedule):
-    """Decrease-increase-decrease (DID) bounds, arXiv 2602.09782 (ALGORITHMS.md section 4.3).
+    """Decrease-increase-decrease (DID) bounds, arXiv 2602.09782 (docs/algorithms.md section 4.3).
 
     With ``lam = 1 - 2k/T`` (for ``phase_split = 0.5``):
 
@@ -295,7 +298,7 @@ _OD_STATES = {"boost": BOOST, "suppress": SUPPRESS}
 
 
 class OscillatoryDecay(_ProbBoundSchedule):
-    """Oscillatory decay (OD) bounds, arXiv 2602.09782 (ALGORITHMS.md section 4.3).
+    """Oscillatory decay (OD) bounds, arXiv 2602.09782 (docs/algorithms.md section 4.3).
 
     A hysteresis (bang-bang) switch on the measured rollout entropy ``H_k``:
     ``H_init`` = entropy of the first rollout seen, ``H_min = min_ratio * H_init``,
@@ -393,16 +396,20 @@ class BetaStages(ControlCallback):
     (index of the stage in force, -1 before the first).
 
     Args:
-        stages: stage starts sorted strictly increasing, betas >= 0.
-        unit: ``"step"`` (starts are rollout indices) or ``"fraction"`` (starts are fractions
-            ``k/T`` of the run, in [0, 1]).
+        stages: stage starts sorted strictly increasing, betas >= 0. Default (as
+            ``conf/scheduler/beta_stages.yaml``): the paper's switch, ``[(0, 0, 1), (0.5, 0.5, 1)]``.
+        unit: ``"fraction"`` (default: starts are fractions ``k/T`` of the run, in [0, 1]) or
+            ``"step"`` (starts are rollout indices).
         total_steps: run length T for ``unit="fraction"``; None reads ``trainer.max_steps``.
     """
 
     def __init__(
         self,
-        stages: Sequence[Sequence[float] | Mapping[str, float]],
-        unit: str = "step",
+        stages: Sequence[Sequence[float] | Mapping[str, float]] = (
+            (0.0, 0.0, 1.0),
+            (0.5, 0.5, 1.0),
+        ),
+        unit: str = "fraction",
         total_steps: int | None = None,
     ) -> None:
         if unit not in ("step", "fraction"):
@@ -427,7 +434,10 @@ class BetaStages(ControlCallback):
             if unit == "step" and (start != int(start) or start < 0):
                 raise ValueError(f"stages[{index}] step must be an integer >= 0 (got {start})")
             if unit == "fraction" and not 0.0 <= start <= 1.0:
-                raise ValueError(f"stages[{index}] start must be a fraction in [0, 1] (got {start})")
+                raise ValueError(
+                    f"stages[{index}] start must be a fraction in [0, 1] (got {start}); "
+                    "pass unit='step' for starts in rollouts"
+                )
             for name, beta in (("beta1", beta1), ("beta2", beta2)):
                 if not (math.isfinite(beta) and beta >= 0.0):
                     raise ValueError(f"stages[{index}] {name} must be finite and >= 0 (got {beta})")
@@ -475,7 +485,7 @@ _ACTUATORS = ("clip", "beta")
 
 
 class TargetEntropy(ControlCallback):
-    """Bounded PI controller tracking a target entropy curve (ALGORITHMS.md section 4.4).
+    """Bounded PI controller tracking a target entropy curve (docs/algorithms.md section 4.4).
 
     Beyond the papers: where ID/DID (arXiv 2602.09782) are open-loop and OD is bang-bang, this
     closes the loop. Each rollout, with measured token-mean entropy ``H_k``::
@@ -524,22 +534,27 @@ class TargetEntropy(ControlCallback):
         high_scale, low_scale: weight of ``u`` on the high-side actuator (eps_high/beta2) and
             the low side (eps_low/beta1), >= 0, not both 0; 0 leaves that actuator untouched.
         total_steps: run length T; None reads ``trainer.max_steps``.
+
+    The defaults are those of ``conf/scheduler/target_entropy.yaml``: a target falling linearly
+    from 1.0 to 0.5 times the first rollout's entropy, clip actuator, ``kp`` 0.5, ``ki`` 0.05,
+    at most 0.02 per rollout. For an absolute, constant target pass ``curve="constant",
+    relative_to_initial=False``.
     """
 
     def __init__(
         self,
         target_start: float = 1.0,
-        target_end: float | None = None,
-        curve: str = "constant",
+        target_end: float | None = 0.5,
+        curve: str = "linear",
         target_fn: Callable[[int, int], float] | None = None,
-        relative_to_initial: bool = False,
+        relative_to_initial: bool = True,
         actuator: str = "clip",
-        kp: float = 0.1,
-        ki: float = 0.02,
+        kp: float = 0.5,
+        ki: float = 0.05,
         eps_min: float = 0.02,
         eps_max: float = 0.6,
         beta_max: float = 2.0,
-        max_change_per_step: float | None = 0.01,
+        max_change_per_step: float | None = 0.02,
         high_scale: float = 1.0,
         low_scale: float = 1.0,
         total_steps: int | None = None,

@@ -44,7 +44,7 @@ TINY = [
     "logging.sample_every_n_steps=1",
 ]
 OBJECTIVES = ("ppo", "grpo", "dapo", "dr_grpo", "gppo", "ce_gppo", "cispo", "gspo",
-              "clip_cov", "kl_cov", "erc_dapo", "erc_gppo")
+              "clip_cov", "kl_cov", "erc_dapo", "erc_gppo", "sapo", "gmpo", "dppo")
 SCHEDULES = {
     "constant": [], "linear": [], "cosine": [], "increase_then_decrease": [],
     "decrease_increase_decrease": [], "oscillatory": ["scheduler.initial_state=boost"],
