@@ -1,7 +1,8 @@
-"""tools/compare_schedules.py and tools/plot_run.py on the tiny model."""
+"""tools/compare_schedules.py, tools/plot_run.py and tools/run_experiment.py on the tiny model."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,27 +133,38 @@ def test_compare_schedules_runs_as_a_script() -> None:
     assert "--schedules" in result.stdout and "--extra" in result.stdout
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
-def test_every_experiment_recipe_composes(recipe: str) -> None:
-    from tools.compare_schedules import compose
-    from tools.run_experiment import load_recipe, run_overrides
+def test_run_experiment_lists_recipes_and_arms() -> None:
+    from tools.run_experiment import arms, recipes
 
-    loaded = load_recipe(recipe)
-    for variant in loaded["variants"]:
-        cfg = compose(run_overrides(loaded, variant, 0, "tiny", []))
-        assert cfg.model.source == "tiny"
+    assert recipes() == ["ce_gppo_betas", "objectives", "random_rewards", "schedules"]
+    assert arms("ce_gppo_betas") == ["b1_0_b2_1", "b1_0.5_b2_1", "b1_1_b2_0.5", "b1_1_b2_1"]
+    with pytest.raises(FileNotFoundError, match="available: ce_gppo_betas"):
+        arms("no_such_recipe")
 
 
 def test_run_experiment_smoke(tmp_path: Path) -> None:
-    from tools.run_experiment import run_recipe
+    """Both arms of a recipe on the tiny model, 2 steps, 2 seeds, through the command line."""
+    from tools.run_experiment import main
 
-    out = run_recipe(
-        "random_rewards",
-        tmp_path,
-        model="tiny",
-        extra=["trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
-               "rollout.max_new_tokens=8", "rollout.epochs=1", "data.num_train=50", "data.num_val=4"],
-    )
-    assert (out / "random_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    extra = ["trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+             "rollout.max_new_tokens=8", "rollout.epochs=1", "data.num_train=50", "data.num_val=4"]
+    out = main(["random_rewards", "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path),
+                "--extra", *extra])
+    assert out == tmp_path
+    assert_png(out / "random_rewards.png")
+    arm_names = ("symmetric_eps_0.2", "clip_low_0.05_high_off")
+    for arm in arm_names:
+        for seed in (0, 1):
+            assert (out / f"{arm}_seed{seed}" / "checkpoints" / "last.ckpt").is_file()
     summary = (out / "summary.md").read_text()
-    assert "symmetric_eps_0.2_seed0" in summary and "clip_low_0.05_high_off_seed0" in summary
+    assert "+experiment=random_rewards/clip_low_0.05_high_off,random_rewards/symmetric_eps_0.2 seed=0,1" in summary
+    assert "objective=ppo" in summary and "objective.control.eps_low=0.05" in summary
+    # Per arm: mean [min, max] over the two seeds; per run: one row each.
+    rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ")}
+    for arm in arm_names:
+        assert rows[arm].split("|")[2].strip() == "0,1"
+        assert re.search(r"\d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\]", rows[arm]), rows[arm]
+        assert f"{arm}_seed0" in rows and f"{arm}_seed1" in rows
+
+    with pytest.raises(ValueError, match="has no arm"):
+        main(["random_rewards", "--arms", "no_such_arm", "--out-dir", str(tmp_path / "x")])

@@ -1,22 +1,29 @@
-r"""Run an experiment recipe from ``conf/experiment/``: every variant and seed, then plot and tabulate.
+r"""Run an experiment recipe from ``conf/experiment/``: every arm and seed, then plot and tabulate.
 
     python tools/run_experiment.py random_rewards
-    python tools/run_experiment.py ce_gppo_betas --extra trainer.max_steps=20
+    python tools/run_experiment.py ce_gppo_betas --seeds 0 1 2 --extra trainer.max_steps=20
+    python tools/run_experiment.py schedules --arms constant oscillatory --seeds 0 1
     python tools/run_experiment.py schedules --model tiny --extra trainer.max_steps=2   # smoke run
 
-A recipe is a YAML file with ``description``, ``base`` (Hydra overrides shared by every run),
-``variants`` (name -> overrides), ``seeds``, ``tags`` (what to plot) and ``expected`` (the
-effects the papers report, restated for the reader). Each run goes through
-``rlvr_lightning.train.run`` in this process, one after another; ``--extra`` overrides come last
-and win. The output folder gets one run folder per variant and seed, ``<recipe>.png`` (the tags
-against the step, one line per run) and ``summary.md`` (the command, the overrides, a table of
-first/last rollout entropy, mean clip fractions, last reward and the wall time of each run).
+A recipe is a folder of Hydra experiment configs, ``rlvr_lightning/conf/experiment/<recipe>/``:
+``_base.yaml`` holds the settings every arm shares and the ``recipe`` block (``description``,
+``seeds``, ``tags`` to plot, ``expected`` effects; defaults and run-folder names in
+``conf/experiment/_recipe.yaml``), and every other file is one arm, selectable on its own as
+``+experiment=<recipe>/<arm>``. This tool runs each arm with each seed, i.e. the
+overrides ``+experiment=<recipe>/<arm> seed=<seed> [model=<--model>] <--extra>`` (the same run as
+``python -m rlvr_lightning.train`` with those overrides), through ``rlvr_lightning.train.run`` in
+this process, one after another. The output folder gets one run folder per arm and seed,
+``<recipe>.png`` (the tags against the step: per arm the mean over seeds, with a band from the
+minimum to the maximum when there are several seeds) and ``summary.md`` (the command, the
+settings, a table per run and a table per arm: mean and [min, max] over seeds).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -29,58 +36,209 @@ if str(REPO) not in sys.path:  # run as a script: make `tools` and `rlvr_lightni
     sys.path.insert(0, str(REPO))
 
 from tools.compare_schedules import compose, format_cell, last_value, mean_value  # noqa: E402
-from tools.plot_run import plot_runs, read_scalars  # noqa: E402
+from tools.plot_run import LINE_STYLES, _hide_float_noise, read_scalars  # noqa: E402
 
-RECIPES = REPO / "conf" / "experiment"
-REQUIRED = ("description", "base", "variants", "tags")
+RECIPES = REPO / "rlvr_lightning" / "conf" / "experiment"
+BASE = "_base.yaml"  # a recipe's shared settings; files starting with "_" are not arms
 
-
-def load_recipe(name: str) -> dict:
-    """The recipe ``conf/experiment/<name>.yaml``, checked for the required keys."""
-    path = RECIPES / f"{name}.yaml"
-    if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-        raise FileNotFoundError(f"no recipe {path}; available: {available}")
-    recipe = yaml.safe_load(path.read_text())
-    missing = [key for key in REQUIRED if key not in recipe]
-    if missing:
-        raise ValueError(f"recipe {path} lacks {missing}")
-    recipe.setdefault("seeds", [0])
-    recipe.setdefault("expected", [])
-    return recipe
+# Columns of both tables: (header, tag, reduction of the tag's points to one number).
+COLUMNS = (
+    ("entropy first", "entropy/rollout", "first"),
+    ("entropy last", "entropy/rollout", "last"),
+    ("clip-low frac (mean)", "objective/clip_low_fraction", "mean"),
+    ("clip-high frac (mean)", "objective/clip_high_fraction", "mean"),
+    ("reward last", "reward/mean", "last"),
+    ("accuracy last", "reward/accuracy", "last"),
+)
 
 
-def run_overrides(recipe: dict, variant: str, seed: int, model: str | None, extra: Sequence[str]) -> list[str]:
-    overrides = [*recipe["base"], *recipe["variants"][variant], f"seed={seed}"]
-    if model:
-        overrides.append(f"model={model}")
-    return [*overrides, *extra]
+def recipes() -> list[str]:
+    """The recipes: folders of ``conf/experiment/`` with a ``_base.yaml``."""
+    return sorted(p.parent.name for p in RECIPES.glob(f"*/{BASE}"))
 
 
-def first_value(points: list[tuple[int, float]] | None) -> float | None:
-    return points[0][1] if points else None
+def _natural_key(name: str) -> list[tuple[int, float | str]]:
+    """Sort key that orders numbers by value: b1_0 < b1_0.5 < b1_1."""
+    parts = re.findall(r"\d+(?:\.\d+)?|[^\d]+", name)
+    return [(0, float(p)) if p[0].isdigit() else (1, p) for p in parts]
 
 
-def summary_table(runs: dict[str, Path], seconds: dict[str, float]) -> str:
+def arms(recipe: str) -> list[str]:
+    """The arms of ``recipe``: its config files other than ``_base.yaml`` (numbers by value)."""
+    folder = RECIPES / recipe
+    if not (folder / BASE).is_file():
+        available = ", ".join(recipes()) or "none"
+        raise FileNotFoundError(f"no recipe {folder} (with a {BASE}); available: {available}")
+    found = [p.stem for p in folder.glob("*.yaml") if not p.name.startswith("_")]
+    if not found:
+        raise FileNotFoundError(f"recipe {folder} has no arm (a .yaml file next to {BASE})")
+    return sorted(found, key=_natural_key)
+
+
+def arm_overrides(
+    recipe: str, arm: str, seed: int, model: str | None, extra: Sequence[str]
+) -> list[str]:
+    """The overrides of one run: the arm, the seed, then ``model`` and ``extra`` (they win)."""
+    return [
+        f"+experiment={recipe}/{arm}",
+        f"seed={seed}",
+        *([f"model={model}"] if model else []),
+        *extra,
+    ]
+
+
+def compose_arm(
+    recipe: str, arm: str, seed: int, model: str | None = None, extra: Sequence[str] = ()
+):
+    """The composed config of one run, checked to be the arm it was asked for."""
+    cfg = compose(arm_overrides(recipe, arm, seed, model, extra))
+    named = (cfg.get("recipe") or {}).get("name"), (cfg.get("recipe") or {}).get("arm")
+    if named != (recipe, arm):
+        raise ValueError(
+            f"conf/experiment/{recipe}/{arm}.yaml sets recipe.name/arm to {named}, not {(recipe, arm)}"
+        )
+    return cfg
+
+
+def _flatten(node: object, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node:
+        return [item for key, value in node.items() for item in _flatten(value, f"{prefix}{key}.")]
+    if isinstance(node, bool) or node is None:  # as Hydra's override syntax writes them
+        node = {True: "true", False: "false", None: "null"}[node]
+    return [f"{prefix[:-1]}={node}"]
+
+
+def file_settings(path: Path) -> str:
+    """What a recipe file sets, in override form: its group overrides, then its keys (without the
+    ``recipe`` block and Hydra's settings)."""
+    content = yaml.safe_load(path.read_text()) or {}
+    settings = []
+    for entry in content.pop("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                settings.append(f"{key.removeprefix('override').strip().lstrip('/')}={value}")
+    for key in ("recipe", "hydra"):
+        content.pop(key, None)
+    return " ".join(settings + _flatten(content)) if content or settings else "-"
+
+
+def reduce(points: list[tuple[int, float]] | None, how: str) -> float | None:
+    if how == "first":
+        return points[0][1] if points else None
+    return last_value(points) if how == "last" else mean_value(points)
+
+
+def spread_cell(values: list[float | None]) -> str:
+    """``mean [min, max]`` of the runs that logged the value (just the value for one run)."""
+    present = [v for v in values if v is not None]
+    if len(present) <= 1:
+        return format_cell(present[0] if present else None)
+    mean = sum(present) / len(present)
+    return f"{format_cell(mean)} [{format_cell(min(present))}, {format_cell(max(present))}]"
+
+
+def run_table(runs: dict[str, Path], seconds: dict[str, float]) -> str:
+    """One row per run."""
     lines = [
-        "| run | steps | entropy first | entropy last | clip-low frac (mean) | clip-high frac (mean) "
-        "| reward last | accuracy last | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | steps | " + " | ".join(header for header, _, _ in COLUMNS) + " | wall s |",
+        "|---|---|" + "---|" * len(COLUMNS) + "---|",
     ]
     for name, run_dir in runs.items():
         scalars = read_scalars(run_dir)
-        entropy = scalars.get("entropy/rollout")
-        cells = [
-            format_cell(first_value(entropy)),
-            format_cell(last_value(entropy)),
-            format_cell(mean_value(scalars.get("objective/clip_low_fraction"))),
-            format_cell(mean_value(scalars.get("objective/clip_high_fraction"))),
-            format_cell(last_value(scalars.get("reward/mean"))),
-            format_cell(last_value(scalars.get("reward/accuracy"))),
-            f"{seconds[name]:.0f}",
-        ]
-        lines.append(f"| {name} | {len(entropy or [])} | " + " | ".join(cells) + " |")
+        cells = [format_cell(reduce(scalars.get(tag), how)) for _, tag, how in COLUMNS]
+        steps = len(scalars.get("entropy/rollout") or [])
+        lines.append(f"| {name} | {steps} | " + " | ".join(cells) + f" | {seconds[name]:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def arm_table(by_arm: dict[str, dict[int, Path]], seconds: dict[str, float]) -> str:
+    """One row per arm: mean [min, max] over its seeds."""
+    lines = [
+        "| arm | seeds | " + " | ".join(header for header, _, _ in COLUMNS) + " | wall s |",
+        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+    ]
+    for arm, run_dirs in by_arm.items():
+        scalars = [read_scalars(d) for d in run_dirs.values()]
+        cells = [spread_cell([reduce(s.get(tag), how) for s in scalars]) for _, tag, how in COLUMNS]
+        walls = [seconds[run_name(arm, seed)] for seed in run_dirs]
+        seeds = ",".join(str(seed) for seed in run_dirs)
+        lines.append(
+            f"| {arm} | {seeds} | " + " | ".join(cells) + f" | {sum(walls) / len(walls):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_arms(
+    by_arm: dict[str, dict[int, Path]], tags: Sequence[str], out: Path, title: str
+) -> Path:
+    """One subplot per tag; per arm the mean over seeds at every step all its seeds logged, and a
+    band from the minimum to the maximum over seeds."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    scalars = {
+        arm: [read_scalars(d) for d in run_dirs.values()] for arm, run_dirs in by_arm.items()
+    }
+    columns = 1 if len(tags) == 1 else 2
+    rows = math.ceil(len(tags) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 3.4 * rows), squeeze=False)
+    handles: dict[str, object] = {}
+    for index, tag in enumerate(tags):
+        ax = axes[index // columns][index % columns]
+        for number, (arm, runs) in enumerate(scalars.items()):
+            series = [dict(run.get(tag) or []) for run in runs]
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            if not steps:
+                continue
+            values = [[s[step] for s in series] for step in steps]
+            label = f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            (line,) = ax.plot(
+                steps,
+                [sum(v) / len(v) for v in values],
+                color=f"C{number % 10}",
+                linestyle=LINE_STYLES[number % len(LINE_STYLES)],
+                marker="o",
+                markersize=3,
+                linewidth=1.5,
+                label=label,
+            )
+            if len(runs) > 1:
+                lows, highs = [min(v) for v in values], [max(v) for v in values]
+                ax.fill_between(steps, lows, highs, color=f"C{number % 10}", alpha=0.2, linewidth=0)
+            handles.setdefault(label, line)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+            print(f"run_experiment: no run logged {tag!r}", file=sys.stderr)
+        else:
+            _hide_float_noise(ax)
+        ax.set_title(tag, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if index + columns >= len(tags):  # the lowest subplot of its column
+            ax.set_xlabel("step (rollouts completed)", fontsize=9)
+    for index in range(len(tags), rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.legend(
+        list(handles.values()),
+        list(handles),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 4) or 1,
+        fontsize=9,
+        frameon=False,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return out
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_seed{seed}"
 
 
 def run_recipe(
@@ -88,11 +246,20 @@ def run_recipe(
     out_dir: str | Path | None = None,
     model: str | None = None,
     extra: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
+    only_arms: Sequence[str] | None = None,
 ) -> Path:
-    """Train every variant and seed of recipe ``name``; write the figure and the summary."""
+    """Train every arm (or ``only_arms``) of recipe ``name`` with every seed (default: the
+    recipe's ``recipe.seeds``); write the figure and the summary; returns the output folder."""
     from rlvr_lightning.train import run
 
-    recipe = load_recipe(name)
+    available = arms(name)
+    chosen = list(only_arms) if only_arms else available
+    unknown = [arm for arm in chosen if arm not in available]
+    if unknown:
+        raise ValueError(f"recipe {name} has no arm {unknown}; its arms: {', '.join(available)}")
+    recipe = compose_arm(name, chosen[0], 0, model, extra).recipe
+    seeds = [int(s) for s in (seeds if seeds else recipe.seeds)]
     if out_dir is None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         out_dir = REPO / "outputs" / "experiments" / f"{stamp}_{name}"
@@ -100,35 +267,63 @@ def run_recipe(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Compose every config first, so a typo in a recipe fails before any training.
     configs = {
-        f"{variant}_seed{seed}": compose(run_overrides(recipe, variant, seed, model, extra))
-        for variant in recipe["variants"]
-        for seed in recipe["seeds"]
+        (arm, seed): compose_arm(name, arm, seed, model, extra) for arm in chosen for seed in seeds
     }
+    by_arm: dict[str, dict[int, Path]] = {arm: {} for arm in chosen}
     runs: dict[str, Path] = {}
     seconds: dict[str, float] = {}
-    for index, (run_name, cfg) in enumerate(configs.items(), start=1):
-        print(f"[run_experiment] {name} {index}/{len(configs)}: {run_name}", flush=True)
-        runs[run_name] = out_dir / run_name
+    for index, ((arm, seed), cfg) in enumerate(configs.items(), start=1):
+        label = run_name(arm, seed)
+        print(f"[run_experiment] {name} {index}/{len(configs)}: {label}", flush=True)
+        runs[label] = by_arm[arm][seed] = out_dir / label
         start = time.perf_counter()
-        run(cfg, run_dir=runs[run_name])
-        seconds[run_name] = time.perf_counter() - start
+        run(cfg, run_dir=runs[label])
+        seconds[label] = time.perf_counter() - start
+
     figure = out_dir / f"{name}.png"
-    plot_runs(list(runs.values()), recipe["tags"], figure, labels=list(runs), title=recipe["description"])
-    command = " ".join(["python tools/run_experiment.py", name, *(["--model", model] if model else [])])
-    if extra:
-        command += " --extra " + " ".join(extra)
+    band = ", mean and min-max band over seeds" if len(seeds) > 1 else ""
+    plot_arms(by_arm, list(recipe.tags), figure, f"{recipe.description}{band}")
+    command = " ".join(
+        [
+            "python tools/run_experiment.py",
+            name,
+            *(["--arms", *chosen] if only_arms else []),
+            *(["--seeds", *map(str, seeds)] if seeds != list(recipe.seeds) else []),
+            *(["--model", model] if model else []),
+            *(["--extra", *extra] if extra else []),
+        ]
+    )
+    train_command = " ".join(
+        [
+            "python -m rlvr_lightning.train -m",
+            "+experiment=" + ",".join(f"{name}/{arm}" for arm in chosen),
+            "seed=" + ",".join(map(str, seeds)),
+            *([f"model={model}"] if model else []),
+            *extra,
+        ]
+    )
     lines = [
-        f"# {recipe['description']}",
+        f"# {recipe.description}",
         "",
         f"Command: `{command}`",
         "",
-        f"Shared overrides: `{' '.join(recipe['base'])}`",
+        f"The same runs with the train command (a Hydra multirun): `{train_command}`",
         "",
-        "Variants: " + "; ".join(f"`{v}`: `{' '.join(o)}`" for v, o in recipe["variants"].items()),
+        f"Shared settings (`conf/experiment/{name}/{BASE}`): `{file_settings(RECIPES / name / BASE)}`",
         "",
-        "Expected: " + "; ".join(recipe["expected"]),
+        "Arms: "
+        + "; ".join(
+            f"`{arm}`: `{file_settings(RECIPES / name / f'{arm}.yaml')}`" for arm in chosen
+        ),
         "",
-        summary_table(runs, seconds),
+        "Expected: " + "; ".join(recipe.expected),
+        "",
+        f"Per arm, over seeds {', '.join(map(str, seeds))}: mean [min, max]",
+        "",
+        arm_table(by_arm, seconds),
+        "Per run:",
+        "",
+        run_table(runs, seconds),
         f"![{name}]({figure.name})",
         "",
     ]
@@ -143,12 +338,30 @@ def main(argv: Sequence[str] | None = None) -> Path:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
-    parser.add_argument("recipe", help="name of a file in conf/experiment/ (without .yaml)")
-    parser.add_argument("--model", default=None, help="override the recipe's model (tiny for a smoke run)")
-    parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    parser.add_argument("recipe", help="a folder of conf/experiment/: " + ", ".join(recipes()))
+    parser.add_argument(
+        "--arms", nargs="+", default=None, help="run only these arms, in this order (default: all)"
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="seeds (default: the recipe's recipe.seeds)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="override the recipe's model (tiny for a smoke run)"
+    )
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="more Hydra overrides for every run (they win)"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="output folder")
     args = parser.parse_args(argv)
-    return run_recipe(args.recipe, args.out_dir, args.model, args.extra)
+    try:
+        arms(args.recipe)
+    except FileNotFoundError as error:
+        parser.exit(2, f"run_experiment.py: error: {error}\n")
+    return run_recipe(args.recipe, args.out_dir, args.model, args.extra, args.seeds, args.arms)
 
 
 if __name__ == "__main__":
