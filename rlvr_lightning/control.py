@@ -4,7 +4,7 @@ A training step reads the thresholds in force from one ``ControlState``; callbac
 ``rlvr_lightning.schedulers``) may change any field before each rollout. The state is saved in
 checkpoints so a resumed run continues with the thresholds it had.
 
-Probability-dependent bounds follow ALGORITHMS.md section 4.2 (arXiv 2602.09782):
+Probability-dependent bounds follow docs/algorithms.md section 4.2 (arXiv 2602.09782):
 ``eps_high(p) = high_prob_slope * p + high_prob_intercept`` and
 ``eps_low(p) = low_prob_slope * p + low_prob_intercept`` with ``p`` the token's (detached)
 probability under the policy being updated. Since ``p = r * p_old``, the constraint

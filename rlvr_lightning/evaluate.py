@@ -26,9 +26,9 @@ from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
 from rlvr_lightning.evaluation import default_k_values, summarize
 from rlvr_lightning.models import load_model_and_tokenizer
 from rlvr_lightning.rewards import RewardFunction
-from rlvr_lightning.rollout import generate_rollout
+from rlvr_lightning.rollout import RolloutEngine, SamplingParams, build_engine
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 # Sampling temperature when n_samples > 1 and none is given (a common choice for math evals).
 DEFAULT_SAMPLING_TEMPERATURE = 0.6
 
@@ -58,21 +58,11 @@ def load_eval_rows(data: DictConfig) -> list[dict[str, Any]]:
 
 
 def generate_and_score(
-    model: Any,
-    tokenizer: Any,
+    engine: RolloutEngine,
     rows: Sequence[dict[str, Any]],
     reward_fn: RewardFunction,
     n_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    max_prompt_tokens: int | None = None,
-    engine: str = "shared_prefix",
-    cache_implementation: str = "dynamic",
-    compile_decoding: str = "auto",
-    cuda_graphs: str = "auto",
-    vllm_options: dict[str, Any] | None = None,
+    sampling: SamplingParams,
     instruction: str = DEFAULT_INSTRUCTION,
     system_prompt: str | None = None,
     first_problem_index: int = 0,
@@ -82,13 +72,8 @@ def generate_and_score(
     Returns one record per completion (``problem_index`` counts from ``first_problem_index``)
     and the verifier's ``{"verifier_failures", "verifier_timeouts"}`` counts for the batch.
     """
-    prompts = [build_prompt(tokenizer, row["question"], instruction, system_prompt) for row in rows]
-    rollout = generate_rollout(
-        model, tokenizer, prompts, group_size=n_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy, max_prompt_tokens=max_prompt_tokens,
-        engine=engine, cache_implementation=cache_implementation, compile_decoding=compile_decoding,
-        cuda_graphs=cuda_graphs, vllm_options=vllm_options,
-    )
+    prompts = [build_prompt(engine.tokenizer, row["question"], instruction, system_prompt) for row in rows]
+    rollout = engine.generate(prompts, n_samples, sampling)
     answers = [str(row["answer"]) for row in rows for _ in range(n_samples)]
     result = reward_fn(rollout.completions, answers)
     records = []
@@ -171,21 +156,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     counts = {"verifier_failures": 0, "verifier_timeouts": 0}
     progress = tqdm(total=len(rows), unit="problem", desc="evaluate",
                     disable=not cfg.get("progress_bar", True))
-    with RewardFunction(**reward_cfg) as reward_fn, \
+    sampling = SamplingParams(
+        max_new_tokens=int(cfg.max_new_tokens), temperature=temperature, top_p=float(cfg.top_p), greedy=greedy,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+    )
+    engine_options: dict[str, Any] = OmegaConf.to_container(cfg.rollout.engine, resolve=True)  # type: ignore[assignment]
+    with RewardFunction(**reward_cfg) as reward_fn, build_engine(engine_options, model, tokenizer) as engine, \
             (output_dir / "generations.jsonl").open("w", encoding="utf-8") as generations:
         for batch_number, first in enumerate(range(0, len(rows), batch_size)):
             # Seeded per batch: a batch's samples do not depend on how long earlier ones ran.
             torch.manual_seed(int(cfg.seed) * 1_000_003 + batch_number)
             batch_records, batch_counts = generate_and_score(
-                model, tokenizer, rows[first:first + batch_size], reward_fn, n_samples,
-                max_new_tokens=int(cfg.max_new_tokens), temperature=temperature,
-                top_p=float(cfg.top_p), greedy=greedy, max_prompt_tokens=cfg.max_prompt_tokens,
-                engine=str(cfg.get("engine", "shared_prefix")), first_problem_index=first,
-                cache_implementation=str(cfg.get("hf_cache", "dynamic")),
-                compile_decoding=str(cfg.get("compile_decoding", "auto")),
-                cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
-                vllm_options=dict(cfg.get("vllm") or {}),
-                **prompt_cfg,
+                engine, rows[first:first + batch_size], reward_fn, n_samples, sampling,
+                first_problem_index=first, **prompt_cfg,
             )
             for record in batch_records:
                 generations.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,7 +1,7 @@
 """Per-token log-probabilities and entropies of response tokens, computed in chunks.
 
 The forward pass keeps logits only for the positions that predict response tokens
-(``logits_to_keep``); log-probs and full-vocabulary entropies (ALGORITHMS.md section 1) are then
+(``logits_to_keep``); log-probs and full-vocabulary entropies (docs/algorithms.md section 1) are then
 computed a few rows at a time in float32, so no ``[batch, seq, vocab]`` float32 tensor lives
 longer than one chunk.
 """

@@ -1,8 +1,17 @@
-"""Entropy metrics of ALGORITHMS.md section 5 (token regions of section 4.1)."""
+"""Entropy metrics of docs/algorithms.md section 5 (token regions of section 4.1)."""
 
 from __future__ import annotations
 
+import resource
+
 import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory on CUDA, else the process's peak resident memory."""
+    if torch.cuda.is_available() and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 # Region name -> (advantage sign, high probability?). High probability: surprisal -log p below
 # the entropy at that position.

@@ -94,6 +94,16 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass: less memory, about a third more time.
+    transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def apply_lora(
     model: PreTrainedModel,
     r: int = 8,

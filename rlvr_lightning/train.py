@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr_lightning.allocator import keep_freed_memory
+from rlvr_lightning.callbacks import SampleLogger
 from rlvr_lightning.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_fits,
@@ -26,6 +27,7 @@ from rlvr_lightning.checkpoints import (
 )
 from rlvr_lightning.config import validate_config
 from rlvr_lightning.module import RLVRModule
+from rlvr_lightning.preemption import PreemptionCallback
 from rlvr_lightning.progress import RolloutProgressBar
 
 # Lightning warnings that do not apply to this loop: optimizer steps are taken inside the
@@ -33,7 +35,7 @@ from rlvr_lightning.progress import RolloutProgressBar
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -48,24 +50,29 @@ def say(trainer: pl.Trainer, message: str) -> None:
         print(f"[rlvr_lightning] {message}")
 
 
-def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.LightningDataModule]:
-    """Instantiate the trainer, the module and the data module from a composed config."""
-    validate_config(cfg)
+def build(
+    cfg: DictConfig, run_dir: Path, validate: bool = True
+) -> tuple[pl.Trainer, RLVRModule, pl.LightningDataModule]:
+    """Instantiate the trainer, the module and the data module from a composed config
+    (validated first unless the caller already did: ``validate=False``)."""
+    if validate:
+        validate_config(cfg)
     keep_freed_memory(cfg.get("malloc_threshold_mib"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     container: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    objective = container["objective"]
-    generation_batches = int(objective["max_num_gen_batches"]) if objective.get("dynamic_sampling") else 1
+    sampling = container["sampling"]
+    generation_batches = int(sampling["max_generation_batches"]) if sampling["dynamic"] else 1
     datamodule = instantiate(cfg.data, generation_batches_per_step=generation_batches)
     datamodule.setup("fit")
     module = RLVRModule(
         model=container["model"],
-        objective=objective,
+        objective=container["objective"],
         rollout=container["rollout"],
         optim=container["optim"],
         reward=container["reward"],
         prompt=container["prompt"],
-        logging=container["logging"],
+        sampling=sampling,
+        advantage=container["advantage"],
         validation=container["validation"],
         seed=int(cfg.seed),
     )
@@ -79,7 +86,10 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, RLVRModule, pl.Li
         save_last=bool(cfg.checkpoint.save_last),
         save_on_train_epoch_end=True,
     )
-    callbacks = [instantiate(cfg.scheduler), checkpoint]
+    callbacks = [instantiate(cfg.scheduler), checkpoint, SampleLogger(**container["logging"])]
+    # On SIGTERM/SIGINT: finish the step, save checkpoints/preempted.ckpt, print the resume
+    # command, exit 143/130 (after ModelCheckpoint, so it saves the step's final state).
+    callbacks.append(PreemptionCallback(run_dir / "checkpoints"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RolloutProgressBar())
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
@@ -102,7 +112,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
     # Bad values and bad checkpoints fail here, before a model loads or a file is written.
     validate_config(cfg)
     checkpoint = read_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
-    trainer, module, datamodule = build(cfg, run_dir)
+    trainer, module, datamodule = build(cfg, run_dir, validate=False)
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, cfg.ckpt_path, module)
         del checkpoint

@@ -25,7 +25,7 @@ def test_bench_runs_every_framework_on_the_same_forced_length_work(tmp_path: Pat
         "--completion-tokens", "5", "--steps", "1", "--warmup", "1", "--threads", "1",
         "--frameworks", *FRAMEWORKS, "--out", str(out),
         # ours on transformers' generate with a static KV cache: forced lengths must hold there too
-        "--override", "rollout.engine=hf", "--override", "rollout.hf_cache=static",
+        "--override", "rollout/engine=hf", "--override", "rollout.engine.cache=static",
         "--random-weights",  # both frameworks get the same seeded random weights of that shape
     ])
     assert sorted(results) == sorted(FRAMEWORKS) and out.is_file()
@@ -35,7 +35,7 @@ def test_bench_runs_every_framework_on_the_same_forced_length_work(tmp_path: Pat
         assert result["step_seconds"] > 0 and result["peak_memory_gib"] > 0
         assert result["mean_completion_length"] and set(result["mean_completion_length"]) == {5.0}
     assert set(results["ours"]["stage_seconds"]) >= {"generate", "update", "step"}
-    assert results["ours"]["overrides"] == ["rollout.engine=hf", "rollout.hf_cache=static"]
+    assert results["ours"]["overrides"] == ["rollout/engine=hf", "rollout.engine.cache=static"]
 
 
 def test_a_failing_framework_is_reported_and_the_others_kept(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_a_failing_framework_is_reported_and_the_others_kept(tmp_path: Path) -> 
         bench.main([
             "--model", str(tmp_path / "model"), "--prompts", "2", "--group-size", "2", "--completion-tokens", "3",
             "--steps", "1", "--warmup", "1", "--threads", "1", "--frameworks", "ours", "--out", str(out),
-            "--override", "rollout.engine=nope",
+            "--override", "rollout/engine=nope",
         ])
     written = json.loads(out.read_text())
-    assert written["results"] == {} and "rollout.engine='nope' is unknown" in written["failures"]["ours"]
+    assert written["results"] == {} and "Could not find 'rollout/engine/nope'" in written["failures"]["ours"]

@@ -14,7 +14,7 @@ from rlvr_lightning.schedulers.examples import WarmupClipHigher
 from rlvr_lightning.train import run
 from tests.conftest import TINY_OVERRIDES, compose_config, read_scalars
 
-CONFIG = Path(__file__).resolve().parents[1] / "conf" / "scheduler" / "warmup_clip_higher.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "rlvr_lightning" / "conf" / "scheduler" / "warmup_clip_higher.yaml"
 
 
 def info(step: int) -> StepInfo:

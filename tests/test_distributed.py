@@ -268,8 +268,8 @@ def _fsdp2_worker(rank: int, init_file: str) -> None:
                 for _ in range(1 + 2 * rank):
                     again = model(input_ids=encoded["input_ids"][rank_rows], attention_mask=encoded["attention_mask"][rank_rows]).logits
             assert torch.equal(again, expected.detach())
-            # rollout.engine=static reads the gathered weights (its layers are no FSDP units).
-            from rlvr_lightning.static_engine import sample_static
+            # rollout/engine=static reads the gathered weights (its layers are no FSDP units).
+            from rlvr_lightning.rollout.static import sample_static
 
             rows = [encoded["input_ids"][rank_rows], encoded["attention_mask"][rank_rows], 2, 5, [], 0,
                     lambda logits: logits.argmax(-1)]

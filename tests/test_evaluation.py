@@ -169,7 +169,7 @@ def test_a_raising_verifier_scores_zero_and_the_evaluation_goes_on(tmp_path, mon
     def broken(*args):
         raise RuntimeError("verifier crashed")
 
-    monkeypatch.setitem(rewards._CHECKS, "numeric", broken)
+    monkeypatch.setitem(rewards.verification._CHECKS, "numeric", broken)
     metrics = evaluate(compose_evaluate(tiny_overrides(tmp_path)))
     generations = read_generations(tmp_path / "eval" / "generations.jsonl")
     assert len(generations) == 6 and not any(g["correct"] for g in generations)
@@ -195,7 +195,7 @@ def test_evaluation_on_the_static_engine_matches_the_default_engine_when_greedy(
     results = []
     for engine in ("shared_prefix", "static"):
         (tmp_path / engine).mkdir()
-        overrides = tiny_overrides(tmp_path / engine) + ["temperature=0", "n_samples=1", f"engine={engine}"]
+        overrides = tiny_overrides(tmp_path / engine) + ["temperature=0", "n_samples=1", f"rollout/engine={engine}"]
         evaluate(compose_evaluate(overrides))
         results.append([g["completion"] for g in read_generations(tmp_path / engine / "eval" / "generations.jsonl")])
     assert results[0] == results[1] and len(results[0]) == len(PROBLEMS)

@@ -80,13 +80,11 @@ class SignalAtStep(pl.Callback):
 
 
 def build_with(*extra: pl.Callback):
-    """``train.build`` plus ``extra`` callbacks (and a PreemptionCallback, if build has none)."""
+    """``train.build`` plus ``extra`` callbacks."""
     original = train_module.build
 
-    def build(cfg, run_dir):
-        trainer, module, datamodule = original(cfg, run_dir)
-        if not any(isinstance(cb, PreemptionCallback) for cb in trainer.callbacks):
-            trainer.callbacks.append(PreemptionCallback(run_dir / "checkpoints"))
+    def build(cfg, run_dir, **options):
+        trainer, module, datamodule = original(cfg, run_dir, **options)
         trainer.callbacks[:0] = list(extra)
         return trainer, module, datamodule
 

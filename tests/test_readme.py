@@ -24,6 +24,13 @@ def test_custom_schedule_listing_is_the_example_file() -> None:
 
 
 def test_every_config_group_option_is_documented() -> None:
-    for group in ("objective", "scheduler", "model", "trainer"):
-        for config in (REPO / "conf" / group).glob("*.yaml"):
+    for group in ("objective", "scheduler", "model", "trainer", "sampling", "advantage", "rollout/engine"):
+        for config in (REPO / "rlvr_lightning" / "conf" / group).glob("*.yaml"):
             assert f"`{config.stem}`" in README, f"{group}/{config.stem} is not in the README"
+
+
+def test_engine_listing_is_the_example_file() -> None:
+    section = README.split("### Your own engine", 1)[1]
+    listing = re.search(r"```python\n(.*?)```", section, re.S).group(1).strip()
+    source = (REPO / "examples" / "top_k_engine.py").read_text()
+    assert listing == source[source.index("from __future__") :].strip()

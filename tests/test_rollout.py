@@ -9,10 +9,10 @@ from rlvr_lightning.advantages import constant_groups, group_advantages, overlon
 from rlvr_lightning.logprobs import logprobs_and_entropy_from_logits, response_logprobs
 from rlvr_lightning.models import build_tiny_model
 from rlvr_lightning.rollout import (
-    _draw_categorical,
-    _sample_next,
+    draw_categorical,
     generate_rollout,
     response_mask_from_ids,
+    sample_next,
 )
 
 PROMPTS = ["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n", "Hi"]
@@ -72,16 +72,16 @@ def test_response_mask_includes_first_eos_only() -> None:
 def test_top_p_keeps_only_the_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     torch.manual_seed(0)
-    draws = _sample_next(logits, temperature=1.0, top_p=0.7, greedy=False)
+    draws = sample_next(logits, temperature=1.0, top_p=0.7, greedy=False)
     assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 never drawn
     assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
-    assert _sample_next(logits[:1], 1.0, 1.0, greedy=True).item() == 0
+    assert sample_next(logits[:1], 1.0, 1.0, greedy=True).item() == 0
 
 
 def test_categorical_draws_follow_the_weights_and_skip_zero_weight() -> None:
     torch.manual_seed(0)
     weights = torch.tensor([0.0, 1e-3, 0.25, 0.0, 0.749, 0.0])
-    draws = _draw_categorical(weights.expand(200_000, -1)).squeeze(-1)
+    draws = draw_categorical(weights.expand(200_000, -1)).squeeze(-1)
     counts = torch.bincount(draws, minlength=6).double()
     expected = 200_000 * weights.double() / weights.sum()
     assert counts[weights == 0].sum() == 0
@@ -89,7 +89,7 @@ def test_categorical_draws_follow_the_weights_and_skip_zero_weight() -> None:
     sd = (expected * (1 - expected / 200_000)).sqrt()
     assert bool(((counts - expected).abs() <= 5 * sd + 1e-9).all()), (counts, expected)
     # Unnormalised weights and rows with a single non-zero entry.
-    assert _draw_categorical(torch.tensor([[0.0, 0.0, 7.0], [3.0, 0.0, 0.0]])).view(-1).tolist() == [2, 0]
+    assert draw_categorical(torch.tensor([[0.0, 0.0, 7.0], [3.0, 0.0, 0.0]])).view(-1).tolist() == [2, 0]
 
 
 def test_chunked_logprobs_and_entropy_match_direct_formula() -> None:
@@ -167,9 +167,8 @@ def test_ignore_eos_forces_every_response_to_the_full_length(tiny, engine: str) 
 
 @pytest.mark.parametrize("engine,options", [
     ("static", {}),
-    ("hf", {"cache_implementation": "static"}),
-    ("hf", {"cache_implementation": "static", "pad_prompts_to_multiple_of": 16}),
-    ("continuous_batching", {}),
+    ("hf", {"cache": "static"}),
+    ("hf", {"cache": "static", "pad_prompts_to_multiple_of": 16}),
 ])
 def test_other_engines_match_shared_prefix_when_greedy(tiny, engine: str, options: dict) -> None:
     model, tokenizer = tiny
@@ -180,26 +179,6 @@ def test_other_engines_match_shared_prefix_when_greedy(tiny, engine: str, option
     assert torch.equal(other.response_mask, ours.response_mask)
 
 
-def test_continuous_batching_samples_groups_reproducibly(tiny) -> None:
-    model, tokenizer = tiny
-    torch.manual_seed(3)
-    first = generate_rollout(model, tokenizer, PROMPTS, 4, 12, engine="continuous_batching")
-    after_first = torch.rand(1)
-    torch.manual_seed(3)
-    second = generate_rollout(model, tokenizer, PROMPTS, 4, 12, engine="continuous_batching")
-    assert first.completions == second.completions
-    # The engine draws its seed from the global RNG and leaves the RNG as a plain draw would.
-    assert torch.equal(torch.rand(1), after_first)
-    assert first.prompts == [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4
-    # Sampling at temperature 1 from a random model: a group's completions differ.
-    assert len(set(first.completions[:4])) > 1
-    prompt_width = first.input_ids.shape[1] - first.response_length
-    encoded = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
-    assert first.input_ids[4, prompt_width - len(encoded):prompt_width].tolist() == encoded
-    valid = first.response_mask.bool()
-    assert int(valid.sum()) == int(first.response_lengths.sum())
-
-
 def test_compiled_static_decoding_matches_eager_on_cpu(tiny) -> None:
     """``compile_decoding=true`` compiles transformers' decoding step even on CPU (on GPUs
     ``auto`` already does): the same greedy tokens as the eager dynamic cache."""
@@ -208,7 +187,7 @@ def test_compiled_static_decoding_matches_eager_on_cpu(tiny) -> None:
     captured = torch._dynamo.utils.counters["stats"]["calls_captured"]
     compiled = generate_rollout(
         model, tokenizer, PROMPTS, 2, 6, greedy=True, engine="hf",
-        cache_implementation="static", compile_decoding="true",
+        cache="static", compile_decoding="true",
     )
     assert compiled.completions == eager.completions
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] > captured  # dynamo traced the decode step
@@ -226,7 +205,7 @@ def test_static_cache_decodes_outside_autocast(tiny) -> None:
             seen.clear()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 generate_rollout(model, tokenizer, PROMPTS, 2, 4, greedy=True, engine="hf",
-                                 cache_implementation=cache, compile_decoding="false")
+                                 cache=cache, compile_decoding="false")
             assert set(seen) == ({torch.float32} if cache == "static" else {torch.bfloat16}), (cache, set(seen))
     finally:
         handle.remove()

@@ -18,7 +18,7 @@ from rlvr_lightning.schedulers import ControlCallback, StepInfo
 from rlvr_lightning.train import run
 from tests.conftest import TINY_OVERRIDES, compose_config, read_scalars
 
-SCHEDULER_DIR = Path(__file__).resolve().parents[1] / "conf" / "scheduler"
+SCHEDULER_DIR = Path(__file__).resolve().parents[1] / "rlvr_lightning" / "conf" / "scheduler"
 SCHEDULERS = sorted(path.stem for path in SCHEDULER_DIR.glob("*.yaml"))
 STEPS = 3
 

@@ -1,4 +1,4 @@
-"""The static-cache engine (rollout.engine=static): its forward against transformers' on the
+"""The static-cache engine (rollout/engine=static): its forward against transformers' on the
 tiny models of each supported family, its samples against the shared-prefix engine's (greedy:
 tests/test_rollout.py), and its refusals. CUDA graph capture itself needs a GPU: tools/gpu_checks.sh checks it there."""
 
@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from rlvr_lightning.models import apply_lora, build_tiny_model
-from rlvr_lightning.rollout import _sample_next, generate_rollout, response_mask_from_ids
-from rlvr_lightning.static_engine import (
+from rlvr_lightning.rollout import generate_rollout, response_mask_from_ids, sample_next
+from rlvr_lightning.rollout.static import (
     StaticDecoder,
     _Decoding,
     _prefill,
@@ -115,7 +115,7 @@ def test_rows_stop_at_eos_and_decoding_stops_when_all_have(tiny) -> None:
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         calls.append(1)
-        return _sample_next(logits, 1.0, 1.0, False)
+        return sample_next(logits, 1.0, 1.0, False)
 
     torch.manual_seed(0)
     ids = sample_static(model, encoded["input_ids"], encoded["attention_mask"], 4, 40, eos, tokenizer.pad_token_id,
@@ -161,17 +161,17 @@ def test_bf16_autocast_decodes_in_bf16_close_to_transformers(tiny) -> None:
 def test_unsupported_models_and_settings_are_refused_with_the_fix(tiny) -> None:
     _, tokenizer = tiny
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
-    with pytest.raises(ValueError, match=r"'gpt2'.*rollout.engine=shared_prefix"):
+    with pytest.raises(ValueError, match=r"'gpt2'.*rollout/engine=shared_prefix"):
         generate_rollout(gpt2, tokenizer, PROMPTS, 2, 4, engine="static")
     windowed = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), sliding_window=8, **SHAPE)).eval()
-    with pytest.raises(ValueError, match=r"sliding window of 8.*rollout.engine=shared_prefix"):
+    with pytest.raises(ValueError, match=r"sliding window of 8.*rollout/engine=shared_prefix"):
         generate_rollout(windowed, tokenizer, PROMPTS, 2, 12, engine="static")
     model, _ = tiny
     with pytest.raises(ValueError, match=r"cuda_graphs=true needs a CUDA device"):
         generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="static", cuda_graphs="true")
     with pytest.raises(ValueError, match=r"cuda_graphs='sometimes' is unknown"):
         generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="static", cuda_graphs="sometimes")
-    with pytest.raises(ValueError, match=r"gather_for_rollout=true or use rollout.engine=shared_prefix"):
+    with pytest.raises(ValueError, match=r"gather_for_rollout=true or use rollout/engine=shared_prefix"):
         generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="static", synced=True)
 
 

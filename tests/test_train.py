@@ -87,9 +87,8 @@ def test_multirun_sweeps_two_objectives(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("engine", [
-    ["rollout.engine=static"],
-    ["rollout.engine=continuous_batching"],
-    ["rollout.engine=hf", "rollout.hf_cache=static", "rollout.pad_prompts_to_multiple_of=8"],
+    ["rollout/engine=static"],
+    ["rollout/engine=hf", "rollout.engine.cache=static", "rollout.engine.pad_prompts_to_multiple_of=8"],
 ])
 def test_training_runs_on_the_other_rollout_engines(tiny_config, tmp_path: Path, engine: list[str]) -> None:
     run(tiny_config("trainer.max_steps=1", "validate_before_training=false", *engine), run_dir=tmp_path / "run")

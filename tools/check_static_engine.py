@@ -1,6 +1,6 @@
-"""Check and time ``rollout.engine=static`` on a GPU: CUDA-graph decoding against eager decoding.
+"""Check and time ``rollout/engine=static`` on a GPU: CUDA-graph decoding against eager decoding.
 
-    python tools/check_static_engine.py --model .gpu/smollm2_shape --out static_check.json
+    python tools/check_static_engine.py --model MODEL_FOLDER --out static_check.json
 
 1. Correctness on the tiny Llama (float32 and under bf16 autocast): greedy completions with
    CUDA graphs (of the step, and of the compiled step) equal eager ones, and sampled ones too
@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 from rlvr_lightning.models import build_tiny_model  # noqa: E402
 from rlvr_lightning.rollout import generate_rollout  # noqa: E402
-from rlvr_lightning.static_engine import forced_logits  # noqa: E402
+from rlvr_lightning.rollout.static import forced_logits  # noqa: E402
 
 PROMPTS = ["<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n", "Hi", "a b c"]
 

@@ -1,6 +1,6 @@
 """Profile one rollout of an engine with torch.profiler: where a decoding step's time goes.
 
-    python tools/profile_rollout.py --model .gpu/smollm2_shape --engine static --compile true
+    python tools/profile_rollout.py --model MODEL_FOLDER --engine static --compile true
 
 Builds the model from ``--model``'s config with seeded random weights, warms the engine up with
 one rollout, profiles a second (bf16 autocast on CUDA, as training runs it) and prints the
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--engine", default="static")
-    parser.add_argument("--compile", default="auto", help="rollout.compile_decoding")
+    parser.add_argument("--compile", default="auto", help="rollout.engine.compile_decoding (static and hf engines)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
@@ -39,8 +39,10 @@ def main() -> None:
 
     def rollout() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            # compile_decoding is an option of the engines that compile (static, hf).
+            options = {"compile_decoding": args.compile} if args.engine in ("static", "hf") else {}
             generate_rollout(model, tokenizer, texts, args.group_size, args.tokens, ignore_eos=True,
-                             engine=args.engine, compile_decoding=args.compile)
+                             engine=args.engine, **options)
 
     rollout()
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -84,6 +84,17 @@ class ObjectiveParams:
     # the objective declares (``ObjectiveSpec.options``), absent ones take their defaults.
     options: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, objective: dict[str, Any]) -> ObjectiveParams:
+        """The settings of an ``objective`` config block (its other keys are not these)."""
+        return cls(
+            aggregation=resolve_aggregation(objective["name"], objective.get("aggregation")),
+            kl_coef=float(objective.get("kl_coef", 0.0)),
+            entropy_coef=float(objective.get("entropy_coef", 0.0)),
+            nll_coef=float(objective.get("nll_coef", 0.0)),
+            options=dict(objective.get("options") or {}),
+        )
+
 
 @dataclass
 class ObjectiveTerms:

@@ -36,6 +36,11 @@ class ControlCallback(pl.Callback):
         self.update(pl_module.control, info)
 
 
+def control_callbacks(trainer: pl.Trainer) -> list[ControlCallback]:
+    """The schedules among a trainer's callbacks, in order: the one place the module finds them."""
+    return [callback for callback in trainer.callbacks if isinstance(callback, ControlCallback)]
+
+
 class ConstantSchedule(ControlCallback):
     """Keeps the thresholds the objective config set; records the phase for the logs."""
 

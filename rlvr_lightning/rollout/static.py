@@ -1,4 +1,4 @@
-"""The static-cache decoding engine (``rollout.engine=static``), with CUDA graphs on GPUs.
+"""The static-cache decoding engine (``rollout/engine=static``), with CUDA graphs on GPUs.
 
 Decoding a small model for a few hundred rows is bound by kernel launches, not arithmetic: a
 Python-driven forward of SmolLM2-135M's 30 layers took about 28 ms per decoding step on an H200
@@ -16,7 +16,7 @@ dynamic, so one step can be captured once as a CUDA graph and replayed:
   each, and LoRA adapters merged in.
 
 Each prompt is encoded once for its whole group (as in the shared-prefix engine) and its keys
-and values are copied into the group's rows. Sampling (``rollout._sample_next``) runs outside
+and values are copied into the group's rows. Sampling (``rollout.sampling.sample_next``) runs outside
 the graph on the logits the graph leaves in its output buffer, so the random stream is the one
 the other engines draw from. On CPUs, or with ``cuda_graphs=false``, the same step runs eagerly.
 """
@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlvr_lightning.rollout.engine import (
+    COMPILE_MODES,
+    RolloutEngine,
+    SamplingParams,
+    choice,
+    register_engine,
+)
+from rlvr_lightning.rollout.sampling import sample_next
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 CUDA_GRAPH_MODES = ("auto", "true", "false")
@@ -54,30 +63,30 @@ class _Layer:
     act: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A linear layer's effective weight and bias, with peft LoRA adapters merged in."""
     if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):  # a peft LoRA layer
-        weight, bias = _linear_weight(module.base_layer)
+        weight, bias = linear_weight(module.base_layer)
         if not module.disable_adapters and not module.merged:
             for name in module.active_adapters:
                 if name not in module.lora_A:
                     continue
                 if getattr(module, "use_dora", {}).get(name, False):
                     raise ValueError(
-                        "rollout.engine=static cannot merge DoRA adapters; use rollout.engine=shared_prefix"
+                        "rollout/engine=static cannot merge DoRA adapters; use rollout/engine=shared_prefix"
                     )
                 weight = weight + module.get_delta_weight(name).to(weight.dtype)
         return weight, bias
     if not isinstance(module, torch.nn.Linear):
         raise ValueError(
-            f"rollout.engine=static expects linear projections, found {type(module).__name__}; "
-            "use rollout.engine=shared_prefix for this model"
+            f"rollout/engine=static expects linear projections, found {type(module).__name__}; "
+            "use rollout/engine=shared_prefix for this model"
         )
     return module.weight, module.bias
 
 
 def _stack(modules: list[torch.nn.Module], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weights, biases = zip(*(_linear_weight(m) for m in modules), strict=True)
+    weights, biases = zip(*(linear_weight(m) for m in modules), strict=True)
     weight = torch.cat([w.detach().to(dtype) for w in weights]) if len(weights) > 1 else weights[0].detach().to(dtype)
     if all(b is None for b in biases):
         return weight, None
@@ -108,7 +117,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The causal LM under a peft wrapper, if any."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -120,26 +129,26 @@ class StaticDecoder:
     """
 
     def __init__(self, model: PreTrainedModel, dtype: torch.dtype) -> None:
-        base = _base_model(model)
+        base = base_model(model)
         config = base.config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"rollout.engine=static runs the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); "
-                f"this model is {model_type!r}: use rollout.engine=shared_prefix"
+                f"rollout/engine=static runs the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                f"this model is {model_type!r}: use rollout/engine=shared_prefix"
             )
         decoder = getattr(base, "model", None)
         lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if decoder is None or lm_head is None or not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
             raise ValueError(
-                f"rollout.engine=static could not find the decoder layers of {type(base).__name__}; "
-                "use rollout.engine=shared_prefix"
+                f"rollout/engine=static could not find the decoder layers of {type(base).__name__}; "
+                "use rollout/engine=shared_prefix"
             )
         rope_type = getattr(decoder.rotary_emb, "rope_type", "default")
         if rope_type in ("dynamic", "longrope"):
             raise ValueError(
-                f"rollout.engine=static needs fixed rotary frequencies; this model's rope_type is {rope_type!r} "
-                "(recomputed from the sequence length): use rollout.engine=shared_prefix"
+                f"rollout/engine=static needs fixed rotary frequencies; this model's rope_type is {rope_type!r} "
+                "(recomputed from the sequence length): use rollout/engine=shared_prefix"
             )
         self.config = config
         self.dtype = dtype
@@ -147,7 +156,7 @@ class StaticDecoder:
         self.embed = decoder.embed_tokens.weight.detach()
         self.final_norm = _norm_weight(decoder.norm)
         self.final_eps = _norm_eps(decoder.norm, config.rms_norm_eps)
-        self.lm_head = _linear_weight(lm_head)[0].detach().to(dtype)
+        self.lm_head = linear_weight(lm_head)[0].detach().to(dtype)
         self.lm_head_bias = lm_head.bias.detach().to(dtype) if getattr(lm_head, "bias", None) is not None else None
         first = decoder.layers[0].self_attn
         self.head_dim = int(first.head_dim)
@@ -164,8 +173,8 @@ class StaticDecoder:
             ]
             if missing:
                 raise ValueError(
-                    f"rollout.engine=static found no {', '.join(missing)} in {type(layer).__name__}; "
-                    "use rollout.engine=shared_prefix"
+                    f"rollout/engine=static found no {', '.join(missing)} in {type(layer).__name__}; "
+                    "use rollout/engine=shared_prefix"
                 )
             qkv, qkv_bias = _stack([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
             o, o_bias = _stack([attn.o_proj], dtype)
@@ -193,8 +202,8 @@ class StaticDecoder:
         )
         if windowed and length > window:
             raise ValueError(
-                f"rollout.engine=static attends to every cached position, but this model uses a sliding window of "
-                f"{window} and the rollout needs {length} positions: use rollout.engine=shared_prefix"
+                f"rollout/engine=static attends to every cached position, but this model uses a sliding window of "
+                f"{window} and the rollout needs {length} positions: use rollout/engine=shared_prefix"
             )
 
     def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +213,8 @@ class StaticDecoder:
         cos, sin = self.rotary_emb(torch.zeros(1, device=device, dtype=torch.float32), positions)
         if cos.shape[-1] != self.head_dim:
             raise ValueError(
-                f"rollout.engine=static applies rotary embeddings to the whole head ({self.head_dim}), "
-                f"this model to {cos.shape[-1]} dimensions: use rollout.engine=shared_prefix"
+                f"rollout/engine=static applies rotary embeddings to the whole head ({self.head_dim}), "
+                f"this model to {cos.shape[-1]} dimensions: use rollout/engine=shared_prefix"
             )
         sin = sin[0].float()
         half = self.head_dim // 2
@@ -263,11 +272,11 @@ class StaticDecoder:
 def use_cuda_graphs(mode: str, device: torch.device) -> bool:
     mode = str(mode).lower()
     if mode not in CUDA_GRAPH_MODES:
-        raise ValueError(f"rollout.cuda_graphs={mode!r} is unknown; use one of {', '.join(CUDA_GRAPH_MODES)}")
+        raise ValueError(f"rollout.engine.cuda_graphs={mode!r} is unknown; use one of {', '.join(CUDA_GRAPH_MODES)}")
     if mode == "true" and device.type != "cuda":
         raise ValueError(
-            f"rollout.cuda_graphs=true needs a CUDA device, the policy is on {device.type}: "
-            "use rollout.cuda_graphs=auto (graphs on CUDA only) or false"
+            f"rollout.engine.cuda_graphs=true needs a CUDA device, the policy is on {device.type}: "
+            "use rollout.engine.cuda_graphs=auto (graphs on CUDA only) or false"
         )
     return device.type == "cuda" and mode != "false"
 
@@ -460,3 +469,38 @@ def _prefill(
     state.positions.copy_(prompt_mask.long().sum(-1).repeat_interleave(group_size, 0))
     state.column.fill_(length)
     return logits
+
+
+@register_engine("static")
+class StaticEngine(RolloutEngine):
+    """``sample_static`` behind the engine protocol. ``cuda_graphs``: ``auto`` (captured on
+    CUDA), ``true`` or ``false`` (eager decoding, e.g. to debug); ``compile_decoding``: the step
+    compiled by torch.compile on CUDA (``auto``), always (``true``) or never (``false``)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pad_prompts_to_multiple_of: int | None = None,
+        cuda_graphs: str = "auto",
+        compile_decoding: str = "auto",
+    ) -> None:
+        super().__init__(model, tokenizer, pad_prompts_to_multiple_of)
+        self.cuda_graphs = choice("cuda_graphs", cuda_graphs, CUDA_GRAPH_MODES)
+        self.compile_decoding = choice("compile_decoding", compile_decoding, COMPILE_MODES)
+
+    def response_ids(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
+        eos: list[int], lockstep: bool,
+    ) -> torch.Tensor:
+        if lockstep:
+            raise ValueError(
+                "rollout/engine=static runs the whole model on each rank, and this FSDP run decodes in lock-step "
+                "with sharded weights: set trainer.strategy.gather_for_rollout=true or use rollout/engine=shared_prefix"
+            )
+        return sample_static(
+            self.model, prompt_ids, prompt_mask, group_size, sampling.max_new_tokens, eos,
+            self.tokenizer.pad_token_id,
+            lambda logits: sample_next(logits, sampling.temperature, sampling.top_p, sampling.greedy),
+            sampling.ignore_eos, self.cuda_graphs, self.compile_decoding,
+        )

