@@ -19,10 +19,20 @@ which covers every schedule of section 4.3.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+
+
+@dataclass
+class ControlAccess:
+    """The ``ControlState`` fields read and written inside one ``ControlState.recording()`` block."""
+
+    read: set[str] = field(default_factory=set)
+    written: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -38,9 +48,20 @@ class ControlState:
     # low-ratio side; beta2 on the positive-advantage, high-ratio side.
     beta1: float = 0.0
     beta2: float = 0.0
+    # Entropy bonus coefficient (docs/algorithms.md 2.9): L -= entropy_coef * token_mean(H_t).
+    # Schedules may move it (scheduler=adaptive_entropy, scheduler=target_entropy with
+    # actuator=entropy_coef); 0 turns the bonus off.
+    entropy_coef: float = 0.0
+    # Gate of the adaptive entropy coefficient (arXiv 2505.22312): False holds the bonus off
+    # while entropy_coef keeps its value; None (no gate) applies entropy_coef as it is.
+    entropy_gate: bool | None = None
     # Entropy Ratio Clipping band (arXiv 2512.05591); None turns ERC off.
     erc_beta_low: float | None = None
     erc_beta_high: float | None = None
+    # Top-entropy-quantile token mask rho (arXiv 2506.01939; objectives/entropy_mask.py): only
+    # the top rho fraction of the mini-batch's tokens by pi_old's entropy keep their loss.
+    # 1.0 turns the mask off.
+    entropy_quantile: float = 1.0
     # Probability-dependent bounds (section 4.2). Weight 0 means the plain epsilon alone.
     high_prob_weight: float = 0.0
     low_prob_weight: float = 0.0
@@ -51,12 +72,18 @@ class ControlState:
     prob_eps_min: float = 0.05
     prob_eps_max: float = 0.6
     # Free-form, numeric description of the schedule's state (phase, OD state, target entropy),
-    # logged every step under ``control/``.
+    # logged every step under ``control/``; a key holding a ``/`` is a whole tag
+    # (``entropy/controller_measured``).
     info: dict[str, float] = field(default_factory=dict)
 
     @property
     def erc_enabled(self) -> bool:
         return self.erc_beta_low is not None and self.erc_beta_high is not None
+
+    @property
+    def applied_entropy_coef(self) -> float:
+        """The entropy bonus coefficient the loss uses: ``entropy_coef`` unless the gate is shut."""
+        return 0.0 if self.entropy_gate is False else float(self.entropy_coef)
 
     @property
     def prob_dependent(self) -> bool:
@@ -109,3 +136,32 @@ class ControlState:
             )
         for key, value in state.items():
             setattr(self, key, dict(value) if key == "info" else value)
+
+    # Which controls a run uses: the module records the fields the update reads and the fields
+    # the schedules write, and logs only those (``rlvr_lightning.tensorboard.UsedControls``).
+
+    @contextmanager
+    def recording(self) -> Iterator[ControlAccess]:
+        """Record the fields read and written inside the block (blocks may nest)."""
+        access = ControlAccess()
+        logs = self.__dict__.setdefault("_access_logs", [])
+        logs.append(access)
+        try:
+            yield access
+        finally:
+            logs.remove(access)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _FIELD_NAMES:
+            for access in object.__getattribute__(self, "__dict__").get("_access_logs", ()):
+                access.read.add(name)
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIELD_NAMES:
+            for access in self.__dict__.get("_access_logs", ()):
+                access.written.add(name)
+        object.__setattr__(self, name, value)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(ControlState))

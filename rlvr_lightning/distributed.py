@@ -66,6 +66,24 @@ def min_across_ranks(value: int, device: torch.device | str = "cpu") -> int:
     return int(_all_reduce(torch.tensor([value], device=device), dist.ReduceOp.MIN)[0])
 
 
+def gather_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D ``values`` (lengths may differ), concatenated in rank order, on every
+    rank (e.g. the entropies of a mini-batch's tokens for a global quantile); one process:
+    ``values`` itself. Two collectives: the lengths, then the values padded to the longest."""
+    values = values.flatten()
+    if world_size() == 1:
+        return values
+    length = torch.tensor([values.numel()], device=values.device)
+    lengths = [torch.zeros_like(length) for _ in range(world_size())]
+    dist.all_gather(lengths, length)
+    longest = max(int(n) for n in lengths)
+    padded = values.new_zeros(longest)
+    padded[: values.numel()] = values
+    chunks = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(chunks, padded)
+    return torch.cat([chunk[: int(n)] for chunk, n in zip(chunks, lengths, strict=True)])
+
+
 def mean_across_ranks(metrics: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """Each scalar averaged over the ranks that report it (a rank may lack a key, e.g. ERC
     quantiles when it had no loss token); keys are agreed on first so every rank reduces the

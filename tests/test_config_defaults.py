@@ -130,8 +130,11 @@ def test_objective_base_equals_python_defaults():
     assert shared["name"] == "???"
     assert shared["aggregation"] is None and ObjectiveParams().aggregation is None
     assert shared["options"] == {} and ObjectiveParams().options == {}
-    for key in ("kl_coef", "entropy_coef", "nll_coef"):
+    for key in ("kl_coef", "kl_estimator", "kl_importance_weight", "nll_coef"):
         assert shared[key] == getattr(ObjectiveParams(), key), key
+    # The entropy bonus coefficient has one home: the control state (schedules may move it).
+    assert "entropy_coef" not in shared and not hasattr(ObjectiveParams(), "entropy_coef")
+    assert shared["control"]["entropy_coef"] == ControlState().entropy_coef == 0.0
     control_defaults = {f.name: f.default for f in dataclasses.fields(ControlState)}
     for key, value in shared["control"].items():
         assert key in control_defaults, (

@@ -51,7 +51,7 @@ def test_exported_folder_loads_as_the_trained_policy(tiny_config, tmp_path: Path
 def test_lora_adapters_are_merged_into_the_exported_weights(tiny_config, tmp_path: Path) -> None:
     pytest.importorskip("peft")
     run(tiny_config("trainer.max_steps=1", "validate_before_training=false", "model.lora.r=4",
-                    "optim.lr=1e-2", "objective.entropy_coef=0.1"), run_dir=tmp_path / "run")
+                    "optim.lr=1e-2", "objective.control.entropy_coef=0.1"), run_dir=tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     export_policy(checkpoint, tmp_path / "exported")
     exported, tokenizer = load_model_and_tokenizer(source="pretrained", name_or_path=str(tmp_path / "exported"))

@@ -28,7 +28,7 @@ def test_lora_freezes_the_base_and_starts_as_the_base_model() -> None:
 def test_training_with_lora_changes_only_the_adapters(tiny_config, tmp_path: Path) -> None:
     # The entropy bonus gives a gradient even when every reward (so every advantage) is zero.
     run(tiny_config("trainer.max_steps=1", "validate_before_training=false", "model.lora.r=4",
-                    "optim.lr=1e-2", "objective.entropy_coef=0.1"), run_dir=tmp_path)
+                    "optim.lr=1e-2", "objective.control.entropy_coef=0.1"), run_dir=tmp_path)
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     base, _ = build_tiny_model(seed=0)
     reference = {f"policy.{k}": v for k, v in base.state_dict().items()}

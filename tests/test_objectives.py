@@ -708,8 +708,9 @@ def test_entropy_bonus_and_nll_gradients(name):
     loss_plain, grad_plain, _ = run(name, plain, control, params_for(name))
     extra = batch()
     entropy_coef, nll_coef = 0.01, 0.1
-    params = params_for(name, entropy_coef=entropy_coef, nll_coef=nll_coef)
-    loss_extra, grad_extra, metrics = run(name, extra, control, params)
+    params = params_for(name, nll_coef=nll_coef)
+    control_extra = ControlState(beta1=0.5, beta2=1.0, entropy_coef=entropy_coef)
+    loss_extra, grad_extra, metrics = run(name, extra, control_extra, params)
 
     m = torch.tensor(mask, dtype=DT)
     correct_mask = m * correct.to(DT).unsqueeze(-1)

@@ -28,8 +28,14 @@ from typing import Any
 import torch
 
 from rlvr_lightning.control import ControlState
+from rlvr_lightning.objectives.correction import loss_weights
 
 LOG_RATIO_CLAMP = 20.0
+KL_VALUE_CLAMP = 10.0  # k3 is clamped to [-10, 10] (verl, SkyRL, EasyR1)
+# Estimators of the KL term (spec A8); the importance-weighted form r * k needs one whose
+# expectation is the KL itself.
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_plus")
+KL_IMPORTANCE_WEIGHTED = ("k1", "k3")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -54,6 +60,12 @@ class PolicyBatch:
     correct: torch.Tensor | None = None
     # Random generator for objectives that sample tokens (Clip-Cov).
     generator: torch.Generator | None = None
+    # Top-entropy-quantile mask e (objectives/entropy_mask.py, arXiv 2506.01939): multiplies the
+    # objective's per-token loss, not the extras; None: off.
+    token_mask: torch.Tensor | None = None
+    # Rollout correction weights iw_t (objectives/correction.py, ALGORITHMS_NEXT A3), detached:
+    # multiply the objective's per-token loss, not the extras; None: off.
+    is_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,9 +88,13 @@ class ObjectiveParams:
 
     # None: the objective's registered default (``ObjectiveSpec.default_aggregation``).
     aggregation: str | None = None
-    # Extras of section 2.9, combinable with any objective.
+    # Extras of section 2.9, combinable with any objective. The entropy bonus coefficient is
+    # control state (``ControlState.entropy_coef``), since schedules may move it.
     kl_coef: float = 0.0
-    entropy_coef: float = 0.0
+    # The KL term's estimator: k1 | k2 | k3 (GRPO's) | k3_plus (k3's value, k2's gradient), and
+    # whether it is weighted by the non-detached ratio r = pi_theta / pi_old (k1 or k3; spec A8).
+    kl_estimator: str = "k3"
+    kl_importance_weight: bool = False
     nll_coef: float = 0.0
     # Objective-specific options (Clip-Cov / KL-Cov ratios, GSPO log clamp, ...); only the names
     # the objective declares (``ObjectiveSpec.options``), absent ones take their defaults.
@@ -87,10 +103,16 @@ class ObjectiveParams:
     @classmethod
     def from_config(cls, objective: dict[str, Any]) -> ObjectiveParams:
         """The settings of an ``objective`` config block (its other keys are not these)."""
+        if "entropy_coef" in objective:
+            raise ValueError(
+                "objective.entropy_coef moved to objective.control.entropy_coef (the coefficient "
+                "in force, which schedules may change)"
+            )
         return cls(
             aggregation=resolve_aggregation(objective["name"], objective.get("aggregation")),
             kl_coef=float(objective.get("kl_coef", 0.0)),
-            entropy_coef=float(objective.get("entropy_coef", 0.0)),
+            kl_estimator=str(objective.get("kl_estimator", "k3")),
+            kl_importance_weight=bool(objective.get("kl_importance_weight", False)),
             nll_coef=float(objective.get("nll_coef", 0.0)),
             options=dict(objective.get("options") or {}),
         )
@@ -253,6 +275,48 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (diff.exp() - diff - 1.0).clamp(-10.0, 10.0)
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) (spec A8; Schulman 2020), with
+    ``u = logp_ref - logp`` clamped to [-20, 20]:
+
+    - ``k1 = -u``: ``g = 1``, zero gradient in expectation (no regularisation);
+    - ``k2 = u^2 / 2``: ``g = logp - logp_ref``, the unbiased gradient of KL(pi || ref) (2510.01555);
+    - ``k3 = e^u - u - 1``, clamped to [-10, 10]: ``g = 1 - e^u``, the gradient of the forward
+      KL(ref || pi) (GRPO's, section 2.2);
+    - ``k3_plus``: k3's value with k2's gradient (straight-through; verl ``k3+``).
+    """
+    if estimator == "k3":
+        return k3_kl(logp, ref_logp)
+    u = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        return -u
+    if estimator == "k2":
+        return 0.5 * u.square()
+    if estimator == "k3_plus":
+        k2 = 0.5 * u.square()
+        return k3_kl(logp, ref_logp).detach() + (k2 - k2.detach())
+    raise ValueError(f"unknown objective.kl_estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+
+
+def kl_term(batch: PolicyBatch, params: ObjectiveParams) -> torch.Tensor:
+    """The per-token KL term, before ``kl_coef``: ``params.kl_estimator``, and with
+    ``params.kl_importance_weight`` that estimate times the ratio ``r = exp(logp - logp_old)``
+    (clamped log, not detached): ``r * k3`` has ``g = r * (logp - logp_ref)``, whose expectation
+    over samples from pi_old is the gradient of KL(pi_theta || pi_ref) (DeepSeek-V3.2, arXiv
+    2512.02556; TRL ``use_bias_correction_kl``); likewise ``r * k1``."""
+    if batch.ref_logp is None:
+        raise ValueError("kl_coef > 0 needs reference log-probs (ref_logp) in the batch")
+    kl = kl_estimate(batch.logp, batch.ref_logp, params.kl_estimator)
+    if not params.kl_importance_weight:
+        return kl
+    if params.kl_estimator not in KL_IMPORTANCE_WEIGHTED:
+        raise ValueError(
+            f"kl_importance_weight with kl_estimator={params.kl_estimator!r}: the r-weighted form needs an "
+            f"estimator whose expectation is the KL ({' or '.join(KL_IMPORTANCE_WEIGHTED)})"
+        )
+    return log_ratio(batch).exp() * kl
+
+
 def erc_in_band(
     batch: PolicyBatch, control: ControlState
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +351,18 @@ def compute_loss(
     per_token = terms.per_token_loss
     metrics = {f"objective/{k}": v.detach() for k, v in terms.metrics.items()}
     mask = batch.mask.to(per_token.dtype)
+    if batch.token_mask is not None:
+        # e_t * l_t (entropy_mask.py): the objective's loss only; the extras below keep the mask
+        # m and the normaliser still counts every m token.
+        # (A where, not a product: a dropped token's non-finite loss must not turn into NaN.)
+        per_token = torch.where(batch.token_mask.bool(), per_token, torch.zeros_like(per_token))
+    if batch.is_weights is not None:
+        # iw_t * l_t (correction.py): after every clip of the objective, the extras below stay
+        # unweighted and the normaliser unchanged; sequence-level objectives take each sequence's
+        # geometric mean of the weights. (A where: a zero weight must not turn inf into NaN.)
+        weights = loss_weights(name, batch.is_weights, mask).to(per_token.dtype)
+        per_token = torch.where(weights != 0, per_token * weights, torch.zeros_like(per_token))
+    policy_per_token = per_token
 
     if control.erc_enabled:
         in_band, rho = erc_in_band(batch, control)
@@ -309,18 +385,22 @@ def compute_loss(
     if params.kl_coef:
         if batch.ref_logp is None:
             raise ValueError("kl_coef > 0 needs reference log-probs (ref_logp) in the batch")
-        kl = k3_kl(batch.logp, batch.ref_logp)
+        kl = kl_term(batch, params)
         per_token = per_token + params.kl_coef * kl
-        metrics["objective/kl_ref"] = masked_mean(kl.detach(), mask)
+        metrics["objective/kl_ref"] = masked_mean(kl.detach(), mask)  # the term in use
+        for estimator in ("k1", "k3"):  # each an unbiased estimate of the KL's value on-policy
+            value = kl_estimate(batch.logp.detach(), batch.ref_logp, estimator)
+            metrics[f"objective/kl_ref_{estimator}"] = masked_mean(value, mask)
 
     loss = aggregate(per_token, mask, aggregation, normalizer)
-    metrics["objective/policy_loss"] = masked_mean(terms.per_token_loss.detach(), mask)
+    metrics["objective/policy_loss"] = masked_mean(policy_per_token.detach(), mask)
 
-    if params.entropy_coef:
+    entropy_coef = control.applied_entropy_coef  # 0 while an adaptive gate is shut (A2)
+    if entropy_coef:
         if batch.entropy is None:
             raise ValueError("entropy_coef > 0 needs the update-pass entropy in the batch")
         # Token mean over the same mask as the policy loss, over the whole mini-batch.
-        loss = loss - params.entropy_coef * aggregate(batch.entropy, mask, "token-mean", normalizer)
+        loss = loss - entropy_coef * aggregate(batch.entropy, mask, "token-mean", normalizer)
 
     if params.nll_coef:
         if batch.correct is None:

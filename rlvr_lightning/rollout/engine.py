@@ -7,6 +7,10 @@ after EOS, trimmed width, decoded completions). An engine is one file that subcl
 ``RolloutEngine``, registers itself with ``@register_engine("name")`` and has one YAML in
 ``conf/rollout/engine/`` whose keys are its constructor's options; ``rollout/engine=<name>``
 selects it in ``train`` and ``evaluate`` alike. The module that owns an engine closes it.
+
+An engine may also return the log-prob of each drawn token under the distribution it sampled
+from (after temperature and top-p); the layout keeps them as ``rollout.data["rollout_logp"]``,
+the rollout correction's mu (``objectives/correction.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ class SamplingParams:
     greedy: bool = False  # argmax decoding (temperature and top_p ignored)
     ignore_eos: bool = False  # never sample EOS: every response is max_new_tokens long (benchmarks)
     max_prompt_tokens: int | None = None  # keep each prompt's last tokens up to this many
+    # Return each drawn token's log-prob (after temperature and top-p) as rollout.data["rollout_logp"];
+    # an engine that has them at no cost may return them anyway.
+    logprobs: bool = False
 
 
 class RolloutEngine:
@@ -57,6 +64,8 @@ class RolloutEngine:
     name: str = ""
     # hf's generate takes every row of a group as its own prompt; the others encode each once.
     encodes_each_row: bool = False
+    # Whether response_ids can return the drawn tokens' log-probs (SamplingParams.logprobs).
+    returns_logprobs: bool = False
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pad_prompts_to_multiple_of: int | None = None
@@ -68,8 +77,11 @@ class RolloutEngine:
     def response_ids(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
         eos: list[int], lockstep: bool,
-    ) -> torch.Tensor:
-        """Response token ids ``[P * G, T]`` (rows grouped by prompt) for left-padded prompts."""
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Response token ids ``[P * G, T]`` (rows grouped by prompt) for left-padded prompts, or
+        the ids and the log-prob ``[P * G, T]`` of each drawn token under the distribution it was
+        drawn from (after temperature and top-p; NaN where unknown). Engines with
+        ``returns_logprobs`` return them when ``sampling.logprobs`` asks."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -106,13 +118,21 @@ class RolloutEngine:
         model.eval()
         eos = eos_token_ids(model, tokenizer)
         prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
-        response_ids = self.response_ids(prompt_ids, prompt_mask, group_size, sampling, eos, lockstep)
+        drawn = self.response_ids(prompt_ids, prompt_mask, group_size, sampling, eos, lockstep)
+        response_ids, response_logp = drawn if isinstance(drawn, tuple) else (drawn, None)
+        if sampling.logprobs and response_logp is None:
+            raise ValueError(
+                f"rollout/engine={self.name or type(self).__name__} returned no log-probs of the sampled tokens, "
+                "which the rollout correction needs: use correction=none, or rollout/engine=shared_prefix, "
+                "static or vllm"
+            )
         if not self.encodes_each_row:
             prompt_ids = prompt_ids.repeat_interleave(group_size, 0)
             prompt_mask = prompt_mask.repeat_interleave(group_size, 0)
         model.train(was_training)
         if response_ids.shape[1] == 0:  # nothing generated at all: keep one padded column
             response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, device=device)
+            response_logp = None if response_logp is None else torch.zeros(len(repeated), 1, device=device)
         response_mask, truncated = response_mask_from_ids(response_ids, eos)
         # Positions after EOS carry the pad token so decoding and the forward pass ignore them.
         response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
@@ -121,6 +141,10 @@ class RolloutEngine:
         response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
         lengths = response_mask.sum(-1).long()
         completions = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        data: dict[str, torch.Tensor] = {}
+        if response_logp is not None:  # masked like the other per-token data (0 after EOS)
+            response_logp = response_logp[:, :width].to(device=device, dtype=torch.float32)
+            data["rollout_logp"] = torch.where(response_mask.bool(), response_logp, torch.zeros_like(response_logp))
         return Rollout(
             input_ids=torch.cat([prompt_ids, response_ids], dim=1),
             attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
@@ -130,6 +154,7 @@ class RolloutEngine:
             completions=completions,
             prompts=repeated,
             group_size=group_size,
+            data=data,
         )
 
 
@@ -214,12 +239,14 @@ def generate_rollout(
     ignore_eos: bool = False,
     synced: bool = False,
     engine: str = "shared_prefix",
+    logprobs: bool = False,
     **options: Any,
 ) -> Rollout:
     """One rollout with a fresh engine ``engine`` (options as in its YAML), closed afterwards.
 
     For scripts and tests; training and evaluation keep one engine for the whole run.
+    ``logprobs``: ask for the drawn tokens' log-probs (``rollout.data["rollout_logp"]``).
     """
-    sampling = SamplingParams(max_new_tokens, temperature, top_p, greedy, ignore_eos, max_prompt_tokens)
+    sampling = SamplingParams(max_new_tokens, temperature, top_p, greedy, ignore_eos, max_prompt_tokens, logprobs)
     with build_engine({"name": engine, **options}, model, tokenizer) as instance:
         return instance.generate(prompts, group_size, sampling, lockstep=synced)

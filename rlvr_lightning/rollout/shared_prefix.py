@@ -9,21 +9,24 @@ from transformers import PreTrainedModel
 from rlvr_lightning.distributed import all_ranks
 from rlvr_lightning.logprobs import cache_argument, encode_prompts_once
 from rlvr_lightning.rollout.engine import RolloutEngine, SamplingParams, register_engine
-from rlvr_lightning.rollout.sampling import sample_next
+from rlvr_lightning.rollout.sampling import sample_next, sample_next_with_logprobs
 
 
 @register_engine("shared_prefix")
 class SharedPrefixEngine(RolloutEngine):
-    """``sample_shared_prefix`` behind the engine protocol."""
+    """``sample_shared_prefix`` behind the engine protocol. Returns the drawn tokens' log-probs
+    always (a gather per decoding step), so the mismatch metrics are logged on every run."""
+
+    returns_logprobs = True
 
     def response_ids(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
         eos: list[int], lockstep: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return sample_shared_prefix(
             self.model, prompt_ids, prompt_mask, group_size, sampling.max_new_tokens, eos,
             self.tokenizer.pad_token_id, sampling.temperature, sampling.top_p, sampling.greedy,
-            sampling.ignore_eos, lockstep,
+            sampling.ignore_eos, lockstep, return_logprobs=True,
         )
 
 
@@ -41,8 +44,11 @@ def sample_shared_prefix(
     greedy: bool = False,
     ignore_eos: bool = False,
     synced: bool = False,
-) -> torch.Tensor:
-    """Sample ``group_size`` completions per (left-padded) prompt; returns ``[P * G, T]`` ids.
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``group_size`` completions per (left-padded) prompt; returns ``[P * G, T]`` ids
+    (with ``return_logprobs``: and each drawn token's log-prob after temperature and top-p,
+    ``[P * G, T]`` float32, 0 after EOS; the draws are the same either way).
 
     Each prompt is encoded once and its KV cache repeated for the group (generation's prefill
     costs ``P`` prompts, not ``P * G``), and rows that reached EOS leave the batch, so decoding
@@ -62,6 +68,7 @@ def sample_shared_prefix(
     active = torch.arange(rows, device=prompt_ids.device)  # result rows still being decoded
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)  # synced mode only
+    logprobs = torch.zeros((rows, max_new_tokens), device=prompt_ids.device) if return_logprobs else None
     for t in range(max_new_tokens):
         if ignore_eos:
             logits[:, eos] = float("-inf")
@@ -70,9 +77,14 @@ def sample_shared_prefix(
             # (and the completions) are those of unsynced decoding, which drops finished rows.
             tokens = torch.full_like(active, pad_token_id)
             if not finished.all():
-                tokens[~finished] = sample_next(logits[~finished], temperature, top_p, greedy)
+                drawn, logp = _draw(logits[~finished], temperature, top_p, greedy, return_logprobs)
+                tokens[~finished] = drawn
+                if logprobs is not None:
+                    logprobs[active[~finished], t] = logp
         else:
-            tokens = sample_next(logits, temperature, top_p, greedy)
+            tokens, logp = _draw(logits, temperature, top_p, greedy, return_logprobs)
+            if logprobs is not None:
+                logprobs[active, t] = logp
         result[active, t] = tokens
         alive = ~torch.isin(tokens, eos)
         if synced:
@@ -94,6 +106,12 @@ def sample_shared_prefix(
         cache = getattr(out, "cache", None) or out.past_key_values
         logits = out.logits[:, -1]
         next_position = next_position + 1
-    return result
+    return (result, logprobs) if logprobs is not None else result
 
 
+def _draw(
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, with_logprobs: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if with_logprobs:
+        return sample_next_with_logprobs(logits, temperature, top_p, greedy)
+    return sample_next(logits, temperature, top_p, greedy), None

@@ -38,7 +38,7 @@ from rlvr_lightning.rollout.engine import (
     choice,
     register_engine,
 )
-from rlvr_lightning.rollout.sampling import sample_next
+from rlvr_lightning.rollout.sampling import sample_next_with_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 CUDA_GRAPH_MODES = ("auto", "true", "false")
@@ -362,16 +362,19 @@ def sample_static(
     max_new_tokens: int,
     eos_token_ids: list[int],
     pad_token_id: int,
-    sample_next: Callable[[torch.Tensor], torch.Tensor],
+    sample_next: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     ignore_eos: bool = False,
     cuda_graphs: str = "auto",
     compile_decoding: str = "auto",
     check_every: int | None = None,
-) -> torch.Tensor:
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample ``group_size`` completions per (left-padded) prompt; returns ``[P * G, T]`` ids.
 
-    ``sample_next`` turns ``[rows, V]`` logits into ``[rows]`` tokens. Tokens after EOS are
-    ``pad_token_id``. Decoding stops when every row has sampled EOS, checked every
+    ``sample_next`` turns ``[rows, V]`` logits into ``[rows]`` tokens (with ``return_logprobs``:
+    into tokens and their log-probs ``[rows]``, and the function returns the ids and the
+    ``[P * G, T]`` float32 log-probs, 0 after EOS). Tokens after EOS are ``pad_token_id``.
+    Decoding stops when every row has sampled EOS, checked every
     ``check_every`` steps (each check waits for the GPU; default: 16 on CUDA, 1 elsewhere).
     ``cuda_graphs``: ``auto`` (captured on CUDA), ``true`` or ``false``. ``compile_decoding``:
     the decoding step compiled by ``torch.compile`` (fewer, fused kernels; compiled once per
@@ -385,8 +388,9 @@ def sample_static(
     unique, prompt_length = prompt_ids.shape
     rows = unique * group_size
     result = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((rows, max_new_tokens), device=device) if return_logprobs else None
     if max_new_tokens == 0:
-        return result
+        return (result, logprobs) if logprobs is not None else result
     length = prompt_length + max_new_tokens
     check_every = check_every or (16 if device.type == "cuda" else 1)
     # Every dtype below is explicit; autocast would only add casts (and caches that a captured
@@ -412,7 +416,12 @@ def sample_static(
                     logits = state.step()
             if ignore_eos:
                 logits[:, eos] = float("-inf")
-            tokens = sample_next(logits).masked_fill(finished, pad_token_id)
+            if logprobs is not None:
+                tokens, logp = sample_next(logits)
+                logprobs[:, t] = logp.masked_fill(finished, 0.0)
+            else:
+                tokens = sample_next(logits)
+            tokens = tokens.masked_fill(finished, pad_token_id)
             result[:, t] = tokens
             state.tokens.copy_(tokens)
             if ignore_eos:
@@ -420,7 +429,7 @@ def sample_static(
             finished |= torch.isin(tokens, eos)
             if (t + 1) % check_every == 0 and bool(finished.all()):
                 break
-    return result
+    return (result, logprobs) if logprobs is not None else result
 
 
 @torch.no_grad()
@@ -475,7 +484,10 @@ def _prefill(
 class StaticEngine(RolloutEngine):
     """``sample_static`` behind the engine protocol. ``cuda_graphs``: ``auto`` (captured on
     CUDA), ``true`` or ``false`` (eager decoding, e.g. to debug); ``compile_decoding``: the step
-    compiled by torch.compile on CUDA (``auto``), always (``true``) or never (``false``)."""
+    compiled by torch.compile on CUDA (``auto``), always (``true``) or never (``false``). Returns
+    the drawn tokens' log-probs always (sampling runs outside the graph: a gather per step)."""
+
+    returns_logprobs = True
 
     def __init__(
         self,
@@ -492,7 +504,7 @@ class StaticEngine(RolloutEngine):
     def response_ids(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
         eos: list[int], lockstep: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if lockstep:
             raise ValueError(
                 "rollout/engine=static runs the whole model on each rank, and this FSDP run decodes in lock-step "
@@ -501,6 +513,6 @@ class StaticEngine(RolloutEngine):
         return sample_static(
             self.model, prompt_ids, prompt_mask, group_size, sampling.max_new_tokens, eos,
             self.tokenizer.pad_token_id,
-            lambda logits: sample_next(logits, sampling.temperature, sampling.top_p, sampling.greedy),
-            sampling.ignore_eos, self.cuda_graphs, self.compile_decoding,
+            lambda logits: sample_next_with_logprobs(logits, sampling.temperature, sampling.top_p, sampling.greedy),
+            sampling.ignore_eos, self.cuda_graphs, self.compile_decoding, return_logprobs=True,
         )

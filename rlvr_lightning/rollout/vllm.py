@@ -7,7 +7,10 @@ from disk), in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and before every 
 given the policy's current weights through vLLM's ``reload_weights`` (LoRA adapters merged in).
 Each prompt is one request for its whole group (``n = group_size``), so vLLM's prefix cache
 encodes it once; each request gets its seed from the global torch RNG, so seeding that RNG makes
-the engine reproducible.
+the engine reproducible. When a rollout asks for the sampled tokens' log-probs (the rollout
+correction, ``SamplingParams.logprobs``), vLLM is started with ``logprobs_mode="processed_logprobs"``
+(after temperature and top-p, verl's setting) and each request asks for the sampled token's
+log-prob (``logprobs=0``); otherwise nothing of this is requested.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class VLLMEngine(RolloutEngine):
     cache, unless VLLM_CPU_KVCACHE_SPACE is set), ``max_model_len`` (null: the model's
     max_position_embeddings), ``enforce_eager`` (no CUDA graphs or compilation; starts faster)."""
 
+    returns_logprobs = True
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -74,8 +79,9 @@ class VLLMEngine(RolloutEngine):
         )
         self.llm: Any = None
         self.folder: tempfile.TemporaryDirectory[str] | None = None
+        self.processed_logprobs = False  # whether the running vLLM returns processed log-probs
 
-    def _start(self, dtype: torch.dtype) -> None:
+    def _start(self, dtype: torch.dtype, logprobs: bool = False) -> None:
         try:
             import vllm
         except ImportError as error:
@@ -87,6 +93,9 @@ class VLLMEngine(RolloutEngine):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(options["cpu_kv_cache_gib"])))
         base = base_model(self.model)
+        # Log-probs after temperature and top-p (what the sampler drew from); set only when asked,
+        # so a run without the rollout correction starts vLLM as before.
+        extra: dict[str, Any] = {"logprobs_mode": "processed_logprobs"} if logprobs else {}
         self.folder = tempfile.TemporaryDirectory(prefix="rlvr_vllm_")
         config = copy.deepcopy(base.config)
         config.architectures = [type(base).__name__]  # what vLLM builds (a config made in memory names none)
@@ -101,13 +110,15 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=options["enforce_eager"],
             enable_prefix_caching=True,
             seed=0,  # each request brings its own seed, drawn from torch's RNG when it is made
+            **extra,
         )
+        self.processed_logprobs = logprobs
         self.sampling_params = vllm.SamplingParams
 
     def response_ids(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
         eos: list[int], lockstep: bool,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         device = prompt_ids.device
         if lockstep:
             raise ValueError(
@@ -122,17 +133,21 @@ class VLLMEngine(RolloutEngine):
                 "rollout/engine=vllm runs in one GPU process only (each rank's in-process vLLM would take the first "
                 "GPU): train on one GPU, or use rollout/engine=static with several"
             )
+        if self.llm is not None and sampling.logprobs and not self.processed_logprobs:
+            self.close()  # started without processed log-probs: start again with them
         if self.llm is None:
             # vLLM seeds the global RNGs when it starts: keep ours as they were.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                self._start(compute_dtype(self.model, device))
+                self._start(compute_dtype(self.model, device), logprobs=sampling.logprobs)
         self.sync(self.model)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
-        rows = self._generate(
+        rows, logprobs = self._generate(
             prompts, group_size, sampling.max_new_tokens, eos, self.tokenizer.pad_token_id, sampling.temperature,
-            sampling.top_p, sampling.greedy, sampling.ignore_eos,
+            sampling.top_p, sampling.greedy, sampling.ignore_eos, logprobs=sampling.logprobs,
         )
-        return rows.to(device)
+        if logprobs is None:
+            return rows.to(device)
+        return rows.to(device), logprobs.to(device)
 
     def close(self) -> None:
         """Shut vLLM down and free its memory and distributed state (another engine may follow)."""
@@ -167,10 +182,15 @@ class VLLMEngine(RolloutEngine):
         top_p: float,
         greedy: bool,
         ignore_eos: bool,
-    ) -> torch.Tensor:
+        logprobs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``group_size`` completions per prompt (token ids, no padding); returns ``[U * G, T]``
-        ids, rows grouped by prompt, padded with ``pad_token_id`` after EOS."""
+        ids, rows grouped by prompt, padded with ``pad_token_id`` after EOS, and with ``logprobs``
+        each sampled token's processed log-prob ``[U * G, T]`` (NaN where vLLM gave none; 0 for
+        greedy decoding, a point mass), else None."""
         common: dict[str, Any] = dict(max_tokens=max_new_tokens, ignore_eos=ignore_eos, detokenize=False)
+        if logprobs:
+            common.update(logprobs=0)  # the sampled token's log-prob only
         if ignore_eos:
             # ignore_eos: EOS is never sampled, as in the other engines (vLLM's own ignore_eos only
             # keeps going past it). -100 is the lowest bias vLLM takes: a factor e^-100 on its odds.
@@ -195,12 +215,28 @@ class VLLMEngine(RolloutEngine):
                 f"rollout/engine=vllm returned {len(completions)} completions, not {len(prompts) * group_size}"
             )
         rows = torch.full((len(completions), max_new_tokens), pad_token_id, dtype=torch.long)
+        row_logprobs = torch.zeros(len(completions), max_new_tokens) if logprobs else None
         for row, completion in enumerate(completions):
             tokens = list(completion.token_ids)[:max_new_tokens]
+            if row_logprobs is not None and not greedy:
+                row_logprobs[row] = _sampled_logprobs(completion, tokens, max_new_tokens)
             # A completion stopped by EOS ends with it (vLLM keeps stop tokens; made sure here).
             if completion.finish_reason == "stop" and (not tokens or tokens[-1] not in eos_token_ids):
                 stop = completion.stop_reason
                 tokens = (tokens + [stop if isinstance(stop, int) else eos_token_ids[0]])[:max_new_tokens]
             if tokens:
                 rows[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return rows
+        return rows, row_logprobs
+
+
+def _sampled_logprobs(completion: Any, tokens: list[int], width: int) -> torch.Tensor:
+    """The log-prob vLLM gave each of ``tokens`` (its ``logprobs`` entries: one mapping from token
+    id to ``Logprob`` per position), ``[width]``; NaN where it gave none (e.g. an EOS appended
+    here after a stop), which the correction counts as a matched token."""
+    out = torch.full((width,), float("nan"))
+    entries = completion.logprobs or []
+    for position, token in enumerate(tokens[: min(len(entries), width)]):
+        entry = entries[position]
+        if entry is not None and token in entry:
+            out[position] = float(entry[token].logprob)
+    return out

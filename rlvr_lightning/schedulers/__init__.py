@@ -2,6 +2,7 @@
 
 from rlvr_lightning.schedulers.base import ConstantSchedule, ControlCallback, StepInfo
 from rlvr_lightning.schedulers.schedules import (
+    AdaptiveEntropy,
     BetaStages,
     CosineSchedule,
     DecreaseIncreaseDecrease,
@@ -12,6 +13,7 @@ from rlvr_lightning.schedulers.schedules import (
 )
 
 __all__ = [
+    "AdaptiveEntropy",
     "BetaStages",
     "ConstantSchedule",
     "ControlCallback",

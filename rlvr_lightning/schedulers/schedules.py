@@ -8,7 +8,9 @@ use it, and the callback rewrites fields of the ``ControlState``.
 - ``IncreaseThenDecrease`` (ID), ``DecreaseIncreaseDecrease`` (DID), ``OscillatoryDecay`` (OD):
   the scheduled probability-dependent bounds of arXiv 2602.09782 (sections 4.2 and 4.3).
 - ``BetaStages``: the CE-GPPO stage switch of (beta1, beta2) (arXiv 2509.20712, section 2.5).
-- ``TargetEntropy``: a bounded PI controller that tracks a target entropy curve (section 4.4).
+- ``TargetEntropy``: a bounded PI controller that tracks a target entropy curve (section 4.4),
+  moving the clip bounds, the CE-GPPO betas, the entropy coefficient or the entropy quantile.
+- ``AdaptiveEntropy``: Skywork-OR1's adaptive entropy coefficient (arXiv 2505.22312).
 
 The section 4.3 bounds are written through the mixing weights of ``ControlState``:
 ``E+ = high_prob_weight * H(p) + (1 - high_prob_weight) * eps_std_high`` and
@@ -481,7 +483,7 @@ class BetaStages(ControlCallback):
 # ----------------------------------------------------------------------------- section 4.4
 
 _CURVES = ("constant", "linear", "cosine")
-_ACTUATORS = ("clip", "beta")
+_ACTUATORS = ("clip", "beta", "entropy_coef", "entropy_quantile")
 
 
 class TargetEntropy(ControlCallback):
@@ -503,13 +505,24 @@ class TargetEntropy(ControlCallback):
     - ``actuator="beta"``: ``beta2 = beta2_0 + high_scale*u``, ``beta1 = beta1_0 -
       low_scale*u``, both in ``[0, beta_max]``. In CE-GPPO (arXiv 2509.20712) a larger beta1 or
       a smaller beta2 lowers entropy.
+    - ``actuator="entropy_coef"``: ``entropy_coef = entropy_coef_0 + coef_scale*u`` in
+      ``[0, coef_max]``: a larger entropy bonus raises entropy (section 2.9).
+    - ``actuator="entropy_quantile"``: ``entropy_quantile = entropy_quantile_0 -
+      quantile_scale*u`` in ``[quantile_min, 1]`` (1: mask off): training on fewer, higher-entropy
+      tokens keeps entropy up (arXiv 2506.01939, ALGORITHMS_NEXT A1).
+    - A list, e.g. ``actuator=["clip", "entropy_coef"]``: the same one controller (one error,
+      one integral, one ``u``) drives every listed actuator at once, each through its own gain
+      (``*_scale``), bounds and rate limit, as above.
 
-    Rate limit: each actuator moves at most ``max_change_per_step`` per rollout.
+    Rate limit: each actuator moves at most its rate limit per rollout: ``max_change_per_step``
+    for eps_low/eps_high/beta1/beta2, ``coef_max_change_per_step`` for entropy_coef,
+    ``quantile_max_change_per_step`` for entropy_quantile.
 
     Anti-windup, two layers: (1) conditional integration: the integral keeps its value when
     every active actuator is held by its bound or its rate limit in the direction the error
     pushes it; (2) ``ki * I`` is clamped to the range of ``u`` over which some actuator still
-    moves, so the integral stays bounded even when only one side saturates.
+    moves, so the integral stays bounded even when only one side saturates. With several
+    actuators both layers span all of them: integration stops only when every one is held.
 
     Target curves (with ``T`` the run length and ``f = k/T``): ``constant`` = ``target_start``;
     ``linear`` from ``target_start`` to ``target_end``; ``cosine`` the half-cosine between
@@ -526,7 +539,8 @@ class TargetEntropy(ControlCallback):
         curve: ``"constant"``, ``"linear"`` or ``"cosine"``.
         target_fn: optional Python callable ``(step, total_steps) -> target``.
         relative_to_initial: targets are multiples of the first rollout's entropy.
-        actuator: ``"clip"`` (eps_low/eps_high) or ``"beta"`` (beta1/beta2).
+        actuator: ``"clip"`` (eps_low/eps_high), ``"beta"`` (beta1/beta2), ``"entropy_coef"``,
+            ``"entropy_quantile"``, or a list of them driven together.
         kp, ki: proportional and integral gains (actuator units per nat), >= 0, not both 0.
         eps_min, eps_max: bounds for eps_low and eps_high in clip mode, 0 <= eps_min < eps_max.
         beta_max: upper bound for beta1 and beta2 in beta mode (lower bound 0), > 0.
@@ -534,6 +548,13 @@ class TargetEntropy(ControlCallback):
         high_scale, low_scale: weight of ``u`` on the high-side actuator (eps_high/beta2) and
             the low side (eps_low/beta1), >= 0, not both 0; 0 leaves that actuator untouched.
         total_steps: run length T; None reads ``trainer.max_steps``.
+        coef_scale: weight of ``u`` on entropy_coef (coefficient per unit of ``u``), > 0.
+        coef_max: upper bound of entropy_coef (lower bound 0), > 0.
+        coef_max_change_per_step: rate limit of entropy_coef per rollout, > 0; None: no limit.
+        quantile_scale: weight of ``u`` on entropy_quantile (it falls as ``u`` grows), > 0.
+        quantile_min: lower bound of entropy_quantile (upper bound 1), in (0, 1).
+        quantile_max_change_per_step: rate limit of entropy_quantile per rollout, > 0; None: no
+            limit.
 
     The defaults are those of ``conf/scheduler/target_entropy.yaml``: a target falling linearly
     from 1.0 to 0.5 times the first rollout's entropy, clip actuator, ``kp`` 0.5, ``ki`` 0.05,
@@ -548,7 +569,7 @@ class TargetEntropy(ControlCallback):
         curve: str = "linear",
         target_fn: Callable[[int, int], float] | None = None,
         relative_to_initial: bool = True,
-        actuator: str = "clip",
+        actuator: str | Sequence[str] = "clip",
         kp: float = 0.5,
         ki: float = 0.05,
         eps_min: float = 0.02,
@@ -558,11 +579,20 @@ class TargetEntropy(ControlCallback):
         high_scale: float = 1.0,
         low_scale: float = 1.0,
         total_steps: int | None = None,
+        coef_scale: float = 0.1,
+        coef_max: float = 0.1,
+        coef_max_change_per_step: float | None = 0.005,
+        quantile_scale: float = 1.0,
+        quantile_min: float = 0.1,
+        quantile_max_change_per_step: float | None = 0.05,
     ) -> None:
         if curve not in _CURVES:
             raise ValueError(f"curve must be one of {_CURVES} (got {curve!r})")
-        if actuator not in _ACTUATORS:
-            raise ValueError(f"actuator must be one of {_ACTUATORS} (got {actuator!r})")
+        names = [actuator] if isinstance(actuator, str) else [str(name) for name in actuator]
+        if not names or any(name not in _ACTUATORS for name in names) or len(set(names)) != len(names):
+            raise ValueError(
+                f"actuator must be one of {_ACTUATORS} or a list of distinct ones (got {actuator!r})"
+            )
         if target_fn is not None and not callable(target_fn):
             raise ValueError("target_fn must be a callable (step, total_steps) -> float or None")
         for name, value in (("target_start", target_start), ("target_end", target_end)):
@@ -578,8 +608,19 @@ class TargetEntropy(ControlCallback):
                 raise ValueError(f"{name} must be finite and >= 0 (got {value})")
         if kp == 0.0 and ki == 0.0:
             raise ValueError("kp and ki are both 0: the controller would never act")
-        if high_scale == 0.0 and low_scale == 0.0:
+        if high_scale == 0.0 and low_scale == 0.0 and {"clip", "beta"} & set(names):
             raise ValueError("high_scale and low_scale are both 0: no actuator would move")
+        for name, value in (("coef_scale", coef_scale), ("coef_max", coef_max), ("quantile_scale", quantile_scale)):
+            if not (math.isfinite(value) and value > 0.0):
+                raise ValueError(f"{name} must be finite and > 0 (got {value})")
+        if not 0.0 < quantile_min < 1.0:
+            raise ValueError(f"quantile_min must lie in the open interval (0, 1) (got {quantile_min})")
+        for name, value in (
+            ("coef_max_change_per_step", coef_max_change_per_step),
+            ("quantile_max_change_per_step", quantile_max_change_per_step),
+        ):
+            if value is not None and not value > 0.0:
+                raise ValueError(f"{name} must be > 0 or None (got {value})")
         if not (0.0 <= eps_min < eps_max and math.isfinite(eps_max)):
             raise ValueError(
                 f"eps bounds must satisfy 0 <= eps_min < eps_max < inf (got {eps_min}, {eps_max})"
@@ -594,7 +635,8 @@ class TargetEntropy(ControlCallback):
         self.curve = curve
         self.target_fn = target_fn
         self.relative_to_initial = bool(relative_to_initial)
-        self.actuator = actuator
+        self.actuator = actuator if isinstance(actuator, str) else list(names)
+        self.actuators = tuple(names)
         self.kp = float(kp)
         self.ki = float(ki)
         self.eps_min = float(eps_min)
@@ -604,6 +646,16 @@ class TargetEntropy(ControlCallback):
         self.high_scale = float(high_scale)
         self.low_scale = float(low_scale)
         self.total_steps = total_steps
+        self.coef_scale = float(coef_scale)
+        self.coef_max = float(coef_max)
+        self.coef_max_change_per_step = (
+            None if coef_max_change_per_step is None else float(coef_max_change_per_step)
+        )
+        self.quantile_scale = float(quantile_scale)
+        self.quantile_min = float(quantile_min)
+        self.quantile_max_change_per_step = (
+            None if quantile_max_change_per_step is None else float(quantile_max_change_per_step)
+        )
         # Controller state (checkpointed).
         self.integral = 0.0
         self.entropy_init: float | None = None
@@ -611,18 +663,32 @@ class TargetEntropy(ControlCallback):
         self.last: dict[str, float] | None = None  # actuator values written last step
         self.last_output = 0.0
 
-    # The two actuators as (field name, direction of u, scale); +1: grows with u.
-    def _actuators(self) -> list[tuple[str, float, float]]:
-        high, low = ("eps_high", "eps_low") if self.actuator == "clip" else ("beta2", "beta1")
-        out = []
-        if self.high_scale > 0.0:
-            out.append((high, 1.0, self.high_scale))
-        if self.low_scale > 0.0:
-            out.append((low, -1.0, self.low_scale))
-        return out
+    @property
+    def relies_on_clipping(self) -> bool:  # type: ignore[override]
+        return bool({"clip", "beta"} & set(self.actuators))
 
-    def _bounds(self) -> tuple[float, float]:
-        return (self.eps_min, self.eps_max) if self.actuator == "clip" else (0.0, self.beta_max)
+    def _actuators(self) -> list[tuple[str, float, float, float, float, float | None]]:
+        """Every field moved, as (name, direction of u, scale, lower, upper, rate limit);
+        direction +1: the field grows with u (raises entropy when it grows)."""
+        out: list[tuple[str, float, float, float, float, float | None]] = []
+        for actuator in self.actuators:
+            if actuator in ("clip", "beta"):
+                high, low = ("eps_high", "eps_low") if actuator == "clip" else ("beta2", "beta1")
+                lower, upper = (self.eps_min, self.eps_max) if actuator == "clip" else (0.0, self.beta_max)
+                if self.high_scale > 0.0:
+                    out.append((high, 1.0, self.high_scale, lower, upper, self.max_change_per_step))
+                if self.low_scale > 0.0:
+                    out.append((low, -1.0, self.low_scale, lower, upper, self.max_change_per_step))
+            elif actuator == "entropy_coef":
+                out.append(
+                    ("entropy_coef", 1.0, self.coef_scale, 0.0, self.coef_max, self.coef_max_change_per_step)
+                )
+            else:  # entropy_quantile: fewer, higher-entropy tokens raise entropy
+                out.append(
+                    ("entropy_quantile", -1.0, self.quantile_scale, self.quantile_min, 1.0,
+                     self.quantile_max_change_per_step)
+                )
+        return out
 
     def target(self, info: StepInfo) -> float:
         """Target entropy at ``info.step`` (absolute, nats)."""
@@ -645,9 +711,8 @@ class TargetEntropy(ControlCallback):
     def _output_range(self) -> tuple[float, float]:
         """Range of ``u`` over which at least one actuator is still inside its bounds."""
         assert self.initial is not None
-        lower, upper = self._bounds()
         u_min, u_max = math.inf, -math.inf
-        for name, direction, scale in self._actuators():
+        for name, direction, scale, lower, upper, _ in self._actuators():
             # value = initial + direction*scale*u must lie in [lower, upper].
             ends = sorted(
                 ((lower - self.initial[name]) / (direction * scale),
@@ -663,16 +728,15 @@ class TargetEntropy(ControlCallback):
         its bound or its rate limit in the direction a larger ``u`` would move it).
         """
         assert self.initial is not None and self.last is not None
-        lower, upper = self._bounds()
         values: dict[str, float] = {}
         held_up, held_down = True, True
         tolerance = 1e-12
-        for name, direction, scale in self._actuators():
+        for name, direction, scale, lower, upper, max_change in self._actuators():
             wanted = self.initial[name] + direction * scale * output
             low_limit, high_limit = lower, upper
-            if self.max_change_per_step is not None:
-                low_limit = max(low_limit, self.last[name] - self.max_change_per_step)
-                high_limit = min(high_limit, self.last[name] + self.max_change_per_step)
+            if max_change is not None:
+                low_limit = max(low_limit, self.last[name] - max_change)
+                high_limit = min(high_limit, self.last[name] + max_change)
             value = min(max(wanted, low_limit), high_limit)
             values[name] = value
             # A larger u moves this actuator in `direction`; it is held if the limit bites there.
@@ -689,9 +753,8 @@ class TargetEntropy(ControlCallback):
         if self.entropy_init is None:
             self.entropy_init = entropy
         if self.initial is None:
-            lower, upper = self._bounds()
             self.initial = {}
-            for name, _, _ in self._actuators():
+            for name, _, _, lower, upper, _ in self._actuators():
                 value = float(getattr(control, name))
                 if not lower <= value <= upper:
                     raise ValueError(
@@ -742,3 +805,104 @@ class TargetEntropy(ControlCallback):
         self.initial = None if initial is None else dict(initial)
         self.last = None if last is None else dict(last)
         self.last_output = float(state_dict.get("last_output", 0.0))
+
+
+# ----------------------------------------------------------------------------- adaptive entropy
+
+
+class AdaptiveEntropy(ControlCallback):
+    """Adaptive entropy coefficient of Skywork-OR1 (arXiv 2505.22312; ALGORITHMS_NEXT A2).
+
+    The state is the coefficient ``alpha`` (``control.entropy_coef``, initially the objective's
+    ``objective.control.entropy_coef``) and a gate (``control.entropy_gate``, shut until the
+    first measurement). Each rollout, with measured entropy ``e_k``::
+
+        if e_k < target:  alpha <- min(alpha + step_size, max_coef); gate <- open
+        else:             alpha <- max(alpha - step_size, min_coef); gate <- shut
+        loss:             L = L_policy - (gate * alpha) * token_mean_m(H_t)
+
+    so the coefficient keeps moving every step, and the bonus applies only while the entropy
+    is below target. ``e_k`` is the full-vocabulary entropy of pi_old (the pre-update pass),
+    token mean over the loss mask of every rank (``entropy/rollout``), measured once per
+    rollout and applied to that rollout's updates (no lag). Skywork measures ``-mean(logp_old)``
+    after the update, for the next step; TRL compares with ``<=`` and measures pi_theta per
+    optimizer step. The defaults are TRL's numbers (alpha_0 = 0, step 0.005, alpha in [0, 1],
+    target 0.2 nats); Skywork's 7B/32B scripts use alpha_0 = 0.005, step 0.001, [0, 0.5].
+
+    Logs ``control/entropy_coef`` (alpha), ``control/entropy_gate``,
+    ``control/entropy_coef_applied`` (gate * alpha), ``control/entropy_target`` and
+    ``entropy/controller_measured`` (e_k). Checkpoints alpha, the gate and ``H_init``.
+
+    Args:
+        target_entropy: target in nats (0.2: Skywork's value for DeepSeek-R1-Distill models),
+            or a ratio to the first rollout's entropy ``H_init`` when ``relative_to_initial``.
+        step_size: change of alpha per rollout, > 0.
+        min_coef, max_coef: bounds of alpha, 0 <= min_coef <= max_coef.
+        relative_to_initial: the target is ``target_entropy * H_init``.
+    """
+
+    relies_on_clipping = False  # the bonus acts with one optimizer step per rollout too
+
+    def __init__(
+        self,
+        target_entropy: float = 0.2,
+        step_size: float = 0.005,
+        min_coef: float = 0.0,
+        max_coef: float = 1.0,
+        relative_to_initial: bool = False,
+    ) -> None:
+        if not (math.isfinite(target_entropy) and target_entropy >= 0.0):
+            raise ValueError(f"target_entropy must be finite and >= 0 (got {target_entropy})")
+        if not (math.isfinite(step_size) and step_size > 0.0):
+            raise ValueError(f"step_size must be finite and > 0 (got {step_size})")
+        if not (0.0 <= min_coef <= max_coef and math.isfinite(max_coef)):
+            raise ValueError(
+                f"coefficient bounds must satisfy 0 <= min_coef <= max_coef < inf (got {min_coef}, {max_coef})"
+            )
+        self.target_entropy = float(target_entropy)
+        self.step_size = float(step_size)
+        self.min_coef = float(min_coef)
+        self.max_coef = float(max_coef)
+        self.relative_to_initial = bool(relative_to_initial)
+        # State (checkpointed): alpha (None until the first update reads the objective's), gate.
+        self.coef: float | None = None
+        self.gate = False
+        self.entropy_init: float | None = None
+
+    def target(self) -> float:
+        """The target entropy in nats."""
+        if self.relative_to_initial:
+            assert self.entropy_init is not None
+            return self.target_entropy * self.entropy_init
+        return self.target_entropy
+
+    def update(self, control: ControlState, info: StepInfo) -> None:
+        entropy = _check_finite_entropy(info.rollout_entropy, type(self).__name__)
+        if self.entropy_init is None:
+            self.entropy_init = entropy
+        if self.coef is None:
+            coef = float(control.entropy_coef)
+            if not self.min_coef <= coef <= self.max_coef:
+                raise ValueError(
+                    f"AdaptiveEntropy: initial objective.control.entropy_coef = {coef} lies outside "
+                    f"[min_coef, max_coef] = [{self.min_coef}, {self.max_coef}]"
+                )
+            self.coef = coef
+        target = self.target()
+        if entropy < target:
+            self.coef, self.gate = min(self.coef + self.step_size, self.max_coef), True
+        else:
+            self.coef, self.gate = max(self.coef - self.step_size, self.min_coef), False
+        control.entropy_coef = self.coef
+        control.entropy_gate = self.gate
+        control.info["entropy_coef_applied"] = control.applied_entropy_coef
+        control.info["entropy_target"] = target
+        control.info["entropy/controller_measured"] = entropy
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coef": self.coef, "gate": self.gate, "entropy_init": self.entropy_init}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.coef = state_dict.get("coef")
+        self.gate = bool(state_dict.get("gate", False))
+        self.entropy_init = state_dict.get("entropy_init")
