@@ -187,6 +187,21 @@ BAD_VALUES = [
     ("~scheduler._target_", ["scheduler has no _target_", "scheduler._target_="]),
     ("model.source=onnx", ["model.source='onnx'", "smollm2_gguf, pretrained, tiny"]),
     ("model.trust_remote_code=yes", ["model.trust_remote_code='yes'", "true or false"]),
+    # Values that used to fail only after the model loaded or a step ran (tests/test_resume_config.py
+    # checks those of the issue through train.run); more of the same kind:
+    ("optim.betas=[0.9]", ["optim.betas=[0.9]", "two numbers in [0, 1)"]),
+    ("optim.eps=0", ["optim.eps=0", "> 0"]),
+    ("optim.stop_update_ratio=0", ["optim.stop_update_ratio=0", "> 0", "null turns"]),
+    ("optim.stop_grad_norm=-1", ["optim.stop_grad_norm=-1", "> 0"]),
+    ("resume.reset_control=maybe", ["resume.reset_control='maybe'", "true or false"]),
+    ("logging.sample_every_n_steps=-1", ["logging.sample_every_n_steps=-1", ">= 0"]),
+    ("model.lora.r=4 model.lora.alpha=0", ["model.lora.alpha=0", "> 0"]),
+    ("model.lora.r=4 model.lora.dropout=1", ["model.lora.dropout=1", "in [0, 1)"]),
+    ("data.max_digits=0", ["data.max_digits=0", ">= 1"]),
+    ("data.min_digits=2", ["data.max_digits=1", ">= data.min_digits=2"]),
+    ("seed=-1", ["seed=-1", "in [0, 4294967295]"]),
+    ("scheduler=beta_stages scheduler.stages=[[0.5,0,1],[0.2,1,1]]", ["scheduler.stages must be sorted"]),
+    ("scheduler._target_=nope.Nope", ["scheduler._target_='nope.Nope' cannot be imported"]),
 ]
 
 
@@ -459,16 +474,30 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, monkeypatch) -> Non
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoint_of_another_model_size_is_a_clear_error(finished_run: Path, tmp_path: Path) -> None:
+def test_checkpoint_of_another_model_size_is_a_clear_error(finished_run: Path, tmp_path: Path, monkeypatch) -> None:
     before = folder_snapshot(finished_run)
     ckpt = finished_run / "checkpoints" / "last.ckpt"
-    with pytest.raises(CheckpointError) as error:
-        run(resume_config(ckpt, "model.tiny.hidden_size=32"), run_dir=tmp_path / "run")
+    with monkeypatch.context() as patch:
+        forbid_model_loading(patch)  # the config stored in the checkpoint names the model
+        with pytest.raises(CheckpointError) as error:
+            run(resume_config(ckpt, "model.tiny.hidden_size=32"), run_dir=tmp_path / "run")
     message = str(error.value)
-    assert f"checkpoint {ckpt} does not fit the configured model" in message
-    assert "shape mismatch" in message and "64) in the file vs (" in message and "32) configured" in message
-    assert str(finished_run / "config.yaml") in message
+    assert f"checkpoint {ckpt} was written with another model" in message, message
+    assert "model.tiny.hidden_size: 64 in the checkpoint's run, 32 now" in message, message
     assert folder_snapshot(finished_run) == before
+    assert not (tmp_path / "run").exists()
+    # A checkpoint that records no config (copied alone, its config stripped): the weights'
+    # shapes are compared once the model is built.
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del saved["rlvr_config"], saved["hyper_parameters"]
+    alone = tmp_path / "alone" / "last.ckpt"
+    alone.parent.mkdir()
+    torch.save(saved, alone)
+    with pytest.raises(CheckpointError) as error:
+        run(resume_config(alone, "model.tiny.hidden_size=32"), run_dir=tmp_path / "run")
+    message = str(error.value)
+    assert f"checkpoint {alone} does not fit the configured model" in message
+    assert "shape mismatch" in message and "64) in the file vs (" in message and "32) configured" in message
     assert not (tmp_path / "run").exists()
 
 
