@@ -38,8 +38,10 @@ def entropy_by_region(
 ) -> dict[str, float]:
     """Plain token-mean entropy and token fraction of each region over ``mask``.
 
-    Keys: ``entropy/region_<name>`` and ``entropy/region_<name>_fraction``; a region with no
-    token reports entropy 0 and fraction 0.
+    Keys: ``entropy/region_<name>`` and ``entropy/region_<name>_fraction``, and
+    ``entropy/region_none_fraction`` for the tokens with a zero advantage, which belong to no
+    region (the five fractions sum to 1). A region with no token reports fraction 0 and no
+    entropy: the key is left out (a 0 would read as an entropy collapse on a chart).
     """
     valid = mask.bool()
     total = valid.sum().clamp_min(1)
@@ -47,6 +49,8 @@ def entropy_by_region(
     for name, region in token_regions(logp, entropy, advantages).items():
         selected = region & valid
         count = selected.sum()
-        out[f"entropy/region_{name}"] = float((entropy * selected).sum() / count.clamp_min(1))
+        if count > 0:
+            out[f"entropy/region_{name}"] = float((entropy * selected).sum() / count)
         out[f"entropy/region_{name}_fraction"] = float(count / total)
+    out["entropy/region_none_fraction"] = float(((advantages == 0) & valid).sum() / total)
     return out

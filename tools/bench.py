@@ -163,6 +163,7 @@ def run_ours(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any
         "trainer.enable_progress_bar=false",
         "validate_before_training=false",
         "logging.sample_every_n_steps=0",
+        "logging.histogram_every_n_steps=0",
         "checkpoint.save_last=false",
         *args.override,
     ]

@@ -2,15 +2,25 @@ r"""Plot TensorBoard scalars of one or more runs: one subplot per tag, one line 
 
     python tools/plot_run.py outputs/runs/A outputs/runs/B \
         --tags entropy/rollout reward/mean objective/eps_high_in_force --out plot.png
+    python tools/plot_run.py outputs/runs/A --overlay eps_low,eps_high --overlay rollout,update
+    python tools/plot_run.py outputs/runs/A --list-tags
 
 Events files are found recursively under each run folder (a resumed run may hold several; a
 later file wins where two log the same step). The x axis is the logged step, i.e. the number
-of rollouts completed before the value was measured.
+of rollouts completed before the value was measured; each y axis is labelled with its unit.
+``--overlay a,b,...`` draws several tags in one subplot (a name without ``/`` is every tag whose
+last part is that name: ``eps_low`` is ``control/eps_low``). A tag no run logged is an error
+(exit status 2) that names the closest tags; ``--list-tags`` prints what each run logged.
+
+``objective/eps_{low,high}_in_force`` are logged only where they differ from ``control/eps_*``
+(probability-dependent bounds); elsewhere ``read_scalars`` takes them from ``control/eps_*``, the
+bound that was in force, so they can be plotted and compared for every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 from collections.abc import Sequence
@@ -36,6 +46,57 @@ LINE_STYLES = ("-", "--", "-.", ":")
 
 Series = list[tuple[int, float]]
 
+# Tags logged only where they differ from another tag, which holds their value elsewhere.
+DERIVED = {
+    "objective/eps_low_in_force": "control/eps_low",
+    "objective/eps_high_in_force": "control/eps_high",
+}
+
+# Unit of a tag's values (the y-axis label): the first rule that matches wins.
+UNITS: tuple[tuple[str, str], ...] = (
+    ("_fraction", "fraction"),
+    ("val/accuracy", "fraction (avg@n)"),
+    ("val/pass@", "fraction"),
+    ("val/maj@", "fraction"),
+    ("reward/accuracy", "fraction"),
+    ("entropy/", "nats/token"),
+    ("control/target_entropy", "nats/token"),
+    ("control/entropy_error", "nats/token"),
+    ("control/od_", "nats/token"),
+    ("_in_force", "threshold"),
+    ("control/eps_", "threshold"),
+    ("control/beta", "coefficient"),
+    ("control/", "setting"),
+    ("length/", "tokens"),
+    ("val/response_length", "tokens"),
+    ("time/", "seconds"),
+    ("perf/completion_tokens_per_second", "tokens/s"),
+    ("perf/peak_memory_gib", "GiB"),
+    ("reward/verifier_", "checks"),
+    ("reward/advantage", "advantage"),
+    ("reward/", "reward"),
+    ("val/reward", "reward"),
+    ("objective/ratio_", "ratio pi/pi_old"),
+    ("objective/approx_kl_old", "nats/token"),
+    ("objective/kl_ref", "nats/token"),
+    ("objective/policy_loss", "loss"),
+    ("optim/loss", "loss"),
+    ("optim/grad_norm", "L2 norm"),
+    ("optim/lr", "learning rate"),
+    ("optim/skipped", "updates"),
+    ("sampling/num_sequences", "sequences"),
+    ("sampling/generation_batches", "batches"),
+    ("data/", "prompts"),
+)
+
+
+def unit_of(tag: str) -> str:
+    """The unit of ``tag``'s values ("" when unknown)."""
+    for pattern, unit in UNITS:
+        if pattern in tag:
+            return unit
+    return ""
+
 
 def _write_order(path: Path) -> tuple[int, float, str]:
     """Events files are named ``events.out.tfevents.<creation time in s>.<host>...``: order by
@@ -44,8 +105,9 @@ def _write_order(path: Path) -> tuple[int, float, str]:
     return (int(created) if created.isdigit() else 0, path.stat().st_mtime, path.name)
 
 
-def read_scalars(run_dir: str | Path) -> dict[str, Series]:
-    """All scalars of a run folder: tag -> [(step, value), ...] sorted by step.
+def read_scalars(run_dir: str | Path, derived: bool = True) -> dict[str, Series]:
+    """All scalars of a run folder: tag -> [(step, value), ...] sorted by step; with ``derived``
+    also the ``DERIVED`` tags the run did not log, from the tag that holds their value.
 
     Raises ``FileNotFoundError`` when the folder holds no TensorBoard events file, and
     ``ValueError`` when it holds events files in several folders (a parent of several runs).
@@ -75,7 +137,46 @@ def read_scalars(run_dir: str | Path) -> dict[str, Series]:
             points = by_tag.setdefault(tag, {})
             for event in accumulator.Scalars(tag):
                 points[event.step] = event.value
-    return {tag: sorted(points.items()) for tag, points in by_tag.items()}
+    scalars = {tag: sorted(points.items()) for tag, points in by_tag.items()}
+    if derived:
+        for tag, source in DERIVED.items():
+            if tag not in scalars and source in scalars:
+                scalars[tag] = list(scalars[source])
+    return scalars
+
+
+def resolve(name: str, known: set[str]) -> list[str]:
+    """The tags ``name`` stands for: itself when it holds a ``/``, else every known tag whose
+    last part is ``name`` (``eps_low`` -> ``control/eps_low``). Raises ``ValueError`` naming the
+    closest known tags when there is none."""
+    if "/" in name:
+        matches = [name] if name in known else []
+    else:
+        matches = sorted(tag for tag in known if tag.rsplit("/", 1)[-1] == name)
+    if not matches:
+        close = difflib.get_close_matches(name, sorted(known), n=4, cutoff=0.5)
+        if "/" not in name:
+            close += sorted(tag for tag in known if name in tag.rsplit("/", 1)[-1] and tag not in close)[:4]
+        hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+        raise ValueError(f"no run logged {name!r}{hint} (--list-tags lists every tag of a run)")
+    return matches
+
+
+def tag_listing(run_dirs: Sequence[str | Path]) -> str:
+    """What each run logged: one line per tag with its number of points, step range and last value."""
+    lines = []
+    for run_dir in run_dirs:
+        scalars = read_scalars(run_dir, derived=False)
+        lines.append(f"{run_dir}: {len(scalars)} tags")
+        width = max((len(tag) for tag in scalars), default=0)
+        for tag, points in sorted(scalars.items()):
+            steps = f"steps {points[0][0]}-{points[-1][0]}" if len(points) > 1 else f"step {points[0][0]}"
+            unit = unit_of(tag)
+            lines.append(
+                f"  {tag:<{width}}  {len(points):>4} points, {steps}, last {points[-1][1]:.6g}"
+                + (f" {unit}" if unit else "")
+            )
+    return "\n".join(lines)
 
 
 def run_labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -97,75 +198,106 @@ def _hide_float_noise(ax: plt.Axes) -> None:
         ax.set_ylim(centre - margin, centre + margin)
 
 
+def _panel_unit(tags: Sequence[str]) -> str:
+    units = list(dict.fromkeys(unit_of(tag) for tag in tags if unit_of(tag)))
+    return " / ".join(units)
+
+
 def plot_runs(
     run_dirs: Sequence[str | Path],
-    tags: Sequence[str] = DEFAULT_TAGS,
+    tags: Sequence[str] | None = DEFAULT_TAGS,
     out: str | Path = "plot.png",
     labels: Sequence[str] | None = None,
     title: str | None = None,
+    overlays: Sequence[Sequence[str]] = (),
 ) -> Path:
-    """Write one PNG with a subplot per tag and a line per run; returns its path."""
+    """Write one PNG with a subplot per tag and a line per run, then a subplot per overlay (its
+    tags in one subplot: a colour per tag, a line style per run); returns its path.
+
+    A tag or overlay name no run logged raises ``ValueError`` naming the closest tags; of the
+    default tags (``tags=None`` or ``DEFAULT_TAGS``) those no run logged are left out.
+    """
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("give at least one run folder")
-    if not tags:
+    defaults = tags is None or tuple(tags) == DEFAULT_TAGS
+    tags = list(DEFAULT_TAGS if tags is None else tags)
+    if not tags and not overlays:
         raise ValueError("give at least one tag")
     if labels is None:
         labels = run_labels(run_dirs)
     if len(labels) != len(run_dirs):
         raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run folders")
     runs = [read_scalars(d) for d in run_dirs]
+    known = set().union(*runs)
 
-    columns = 1 if len(tags) == 1 else 2
-    rows = math.ceil(len(tags) / columns)
+    panels: list[tuple[list[str], bool]] = []  # (tags, overlay?)
+    for tag in tags:
+        if tag in known:
+            panels.append(([tag], False))
+        elif defaults:
+            print(f"plot_run: no run logged {tag!r}; left out", file=sys.stderr)
+        else:
+            resolve(tag, known)  # raises, naming the closest tags
+    for names in overlays:
+        group = list(dict.fromkeys(tag for name in names for tag in resolve(name, known)))
+        panels.append((group, True))
+    if not panels:
+        raise ValueError(f"no run logged any of {', '.join(tags)}")
+
+    columns = 1 if len(panels) == 1 else 2
+    rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, 3.4 * rows), squeeze=False)
     handles: dict[str, object] = {}
-    for index, tag in enumerate(tags):
+    for index, (panel_tags, overlay) in enumerate(panels):
         ax = axes[index // columns][index % columns]
         for number, (label, scalars) in enumerate(zip(labels, runs, strict=True)):
-            points = scalars.get(tag)
-            if not points:
-                continue
-            steps, values = zip(*points, strict=True)
-            (line,) = ax.plot(
-                steps,
-                values,
-                color=f"C{number % 10}",
-                linestyle=LINE_STYLES[number % len(LINE_STYLES)],
-                marker="o",
-                markersize=3,
-                linewidth=1.5,
-                label=label,
-            )
-            handles.setdefault(label, line)
-        if not ax.lines:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-            print(f"plot_run: no run logged {tag!r}", file=sys.stderr)
-        else:
-            _hide_float_noise(ax)
-        ax.set_title(tag, fontsize=10)
+            for tag_number, tag in enumerate(panel_tags):
+                points = scalars.get(tag)
+                if not points:
+                    continue
+                steps, values = zip(*points, strict=True)
+                colour = tag_number if overlay else number
+                (line,) = ax.plot(
+                    steps,
+                    values,
+                    color=f"C{colour % 10}",
+                    linestyle=LINE_STYLES[number % len(LINE_STYLES)],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.5,
+                    label=(tag if len(runs) == 1 else f"{label}: {tag}") if overlay else label,
+                )
+                if not overlay:
+                    handles.setdefault(label, line)
+        _hide_float_noise(ax)
+        if overlay:
+            ax.legend(fontsize=7, loc="best")
+        ax.set_title(", ".join(panel_tags) if overlay else panel_tags[0], fontsize=10 if not overlay else 9)
+        ax.set_ylabel(_panel_unit(panel_tags), fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-        if index + columns >= len(tags):  # the lowest subplot of its column
+        if index + columns >= len(panels):  # the lowest subplot of its column
             ax.set_xlabel("step (rollouts completed)", fontsize=9)
-    for index in range(len(tags), rows * columns):
+    for index in range(len(panels), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    # One colour per run across subplots: one legend for the figure, below the subplots
-    # (bbox_inches="tight" grows the image to hold it).
-    figure.legend(
-        list(handles.values()),
-        list(handles),
-        loc="upper center",
-        bbox_to_anchor=(0.5, 0.0),
-        ncol=min(len(handles), 4),
-        fontsize=9,
-        frameon=False,
-    )
+    # One colour per run across the single-tag subplots: one legend for the figure, below the
+    # subplots (bbox_inches="tight" grows the image to hold it).
+    if handles:
+        figure.legend(
+            list(handles.values()),
+            list(handles),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(handles), 4),
+            fontsize=9,
+            frameon=False,
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120, bbox_inches="tight")
@@ -173,21 +305,36 @@ def plot_runs(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (searched recursively)")
-    parser.add_argument("--tags", nargs="+", default=list(DEFAULT_TAGS), help="scalar tags to plot")
+    parser.add_argument(
+        "--tags", nargs="+", default=None, help=f"scalar tags to plot, a subplot each (default: {' '.join(DEFAULT_TAGS)})"
+    )
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="A,B,...",
+        help="tags drawn together in one subplot, comma-separated; a name without '/' is every tag whose "
+        "last part it is (eps_low,eps_high); repeat for more subplots",
+    )
+    parser.add_argument("--list-tags", action="store_true", help="print every tag each run logged, then exit")
     parser.add_argument("--labels", nargs="+", default=None, help="legend names, one per run")
     parser.add_argument("--out", type=Path, default=Path("plot.png"), help="PNG to write")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
+    overlays = [[name.strip() for name in group.split(",") if name.strip()] for group in args.overlay]
+    tags = args.tags if args.tags is not None or not overlays else []
     try:
-        out = plot_runs(args.run_dirs, args.tags, args.out, args.labels, args.title)
+        if args.list_tags:
+            print(tag_listing(args.run_dirs))
+            return None
+        out = plot_runs(args.run_dirs, tags, args.out, args.labels, args.title, overlays=overlays)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"plot_run.py: error: {error}\n")
     print(f"wrote {out}")
     return out
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
