@@ -10,20 +10,29 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from rlvr_lightning.advantages import ADVANTAGE_ESTIMATORS
+from rlvr_lightning.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    advantage_options,
+    check_advantage_options,
+)
 from rlvr_lightning.control import ControlState
 from rlvr_lightning.models import load_model_and_tokenizer
 from rlvr_lightning.objectives import AGGREGATIONS, available_objectives, check_objective_options
+from rlvr_lightning.objectives.base import KL_ESTIMATORS, KL_IMPORTANCE_WEIGHTED
+from rlvr_lightning.objectives.correction import MODES as CORRECTION_MODES
+from rlvr_lightning.objectives.correction import WEIGHTING_MODES as CORRECTION_WEIGHTING_MODES
+from rlvr_lightning.objectives.correction import CorrectionSettings
 from rlvr_lightning.optim import LR_SCHEDULES
 from rlvr_lightning.rewards import ANSWER_MODES, METHODS, RewardFunction
-from rlvr_lightning.rollout import ENGINES, check_engine_options
+from rlvr_lightning.rollout import ENGINES, check_engine_options, engine_class
 from rlvr_lightning.rollout.engine import COMPILE_MODES
 from rlvr_lightning.rollout.hf import CACHES
 from rlvr_lightning.rollout.static import CUDA_GRAPH_MODES
@@ -90,7 +99,7 @@ def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...] | list[str], def
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Top-level keys that are config groups (their own files) or blocks of an experiment recipe.
-GROUP_KEYS = ("model", "data", "objective", "scheduler", "trainer", "sampling", "advantage", "recipe")
+GROUP_KEYS = ("model", "data", "objective", "scheduler", "trainer", "sampling", "advantage", "recipe", "correction", "logger")
 
 
 def known_keys() -> dict[str, set[str]]:
@@ -104,6 +113,7 @@ def known_keys() -> dict[str, set[str]]:
     known["advantage"] = {"name"}
     known["objective"] = set(OmegaConf.load(CONF_DIR / "objective" / "_shared" / "base.yaml"))
     known["objective.control"] = {f.name for f in fields(ControlState) if f.name != "info"}
+    known["correction"] = {f.name for f in fields(CorrectionSettings)}
     model = list(inspect.signature(load_model_and_tokenizer).parameters)
     known["model"] = set(model) - {"seed"} | {"gradient_checkpointing"}
     return known
@@ -122,11 +132,21 @@ def _constructor_keys(target: str) -> set[str] | None:
 
 def _check_known_keys(cfg: DictConfig) -> None:
     known = known_keys()
-    for group in ("scheduler", "data", "trainer"):  # built from their _target_ class
+    for group in ("scheduler", "data", "trainer", "logger"):  # built from their _target_ class
         target = OmegaConf.select(cfg, f"{group}._target_")
         allowed = _constructor_keys(str(target)) if target else None
         if allowed is not None:
             known[group] = allowed
+    estimator = OmegaConf.select(cfg, "advantage.name")
+    if estimator in ADVANTAGE_ESTIMATORS:  # the selected estimator's options (advantage.k, ...)
+        known["advantage"] = known["advantage"] | set(advantage_options(str(estimator)))
+    else:  # an unknown estimator is reported by name (_validate_sampling), not by its options
+        del known["advantage"]
+    if OmegaConf.select(cfg, "objective.entropy_coef") is not None:
+        raise ConfigError(
+            "objective.entropy_coef moved to objective.control.entropy_coef (the entropy bonus "
+            "coefficient in force, which schedules may change)"
+        )
     for block, allowed in known.items():
         node = OmegaConf.select(cfg, block) if block else cfg
         if not isinstance(node, DictConfig):
@@ -146,6 +166,7 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_objective(cfg)
     _validate_sampling(cfg)
     _validate_rollout(cfg)
+    _validate_correction(cfg)
     _validate_optim(cfg)
 
     _choice(cfg, "reward.method", METHODS)
@@ -178,10 +199,26 @@ def validate_config(cfg: DictConfig) -> None:
             f"{group} has no _target_: pick a config ({group}=...), or give the class to build "
             f"({group}._target_=package.module.Class)",
         )
+    _validate_logger(cfg)
     if _get(cfg, "trainer.max_steps", None) is None:
         raise ConfigError("trainer.max_steps is not set; set the number of rollouts, e.g. trainer.max_steps=10")
     _number(cfg, "trainer.max_steps", ">= 1", integer=True)
     _number(cfg, "checkpoint.every_n_steps", ">= 0", integer=True)
+    _validate_run_settings(cfg)
+
+
+def _validate_logger(cfg: DictConfig) -> None:
+    """``logger`` (``conf/logger``): a class to build; W&B and MLflow only when installed."""
+    if _get(cfg, "logger", None) is None:
+        return  # train.build falls back to conf/logger/tensorboard.yaml
+    target = str(_get(cfg, "logger._target_", ""))
+    _require(bool(target), "logger has no _target_: pick a config (logger=tensorboard|csv|wandb|mlflow)")
+    for package, name in (("wandb", "WandbLogger"), ("mlflow", "MLFlowLogger")):
+        _require(
+            not target.endswith(name) or importlib.util.find_spec(package) is not None,
+            f"logger={package} needs the {package} package, which is not installed: "
+            f"pip install 'rlvr_lightning[{package}]' (or pip install {package}), or use logger=tensorboard or csv",
+        )
 
 
 def _validate_objective(cfg: DictConfig) -> None:
@@ -200,8 +237,11 @@ def _validate_objective(cfg: DictConfig) -> None:
         eps_low <= 1,
         f"objective.control.eps_low={eps_low} must be <= 1 (lower clip bound 1 - eps_low >= 0; 1 means no lower bound)",
     )
-    for field in ("beta1", "beta2"):
+    _number(cfg, "objective.control.eps_high", "[0, 10]", note=" (upper clip bound 1 + eps_high; DAPO uses 0.28)")
+    for field in ("beta1", "beta2", "entropy_coef"):
         _number(cfg, f"objective.control.{field}", ">= 0", default=0.0)
+    _number(cfg, "objective.control.entropy_quantile", "(0, 1]", default=1.0,
+            note=" (the fraction of tokens kept by entropy; 1 = off)")
     control = objective.control
     if control.get("dual_clip") is not None:
         _require(control.dual_clip > 1, f"objective.control.dual_clip={control.dual_clip} must be > 1, or null to turn it off")
@@ -209,12 +249,30 @@ def _validate_objective(cfg: DictConfig) -> None:
     _require((erc[0] is None) == (erc[1] is None), "objective.control.erc_beta_low and erc_beta_high must both be set or both null")
     if erc[0] is not None:
         _require(0 < erc[0] < 1 and erc[1] > 0, f"ERC band ({erc[0]}, {erc[1]}): need 0 < erc_beta_low < 1 and erc_beta_high > 0")
-    for field in ("kl_coef", "entropy_coef", "nll_coef"):
+    for field in ("kl_coef", "nll_coef"):
         _number(cfg, f"objective.{field}", ">= 0", default=0.0)
+    estimator = _choice(cfg, "objective.kl_estimator", KL_ESTIMATORS, default="k3")
+    weighted = _get(cfg, "objective.kl_importance_weight", False)
+    _require(isinstance(weighted, bool), f"objective.kl_importance_weight={weighted!r} must be true or false")
+    _require(
+        not weighted or estimator in KL_IMPORTANCE_WEIGHTED,
+        f"objective.kl_importance_weight=true with objective.kl_estimator={estimator}: the r-weighted form needs "
+        f"an estimator whose expectation is the KL ({' or '.join(KL_IMPORTANCE_WEIGHTED)})",
+    )
 
 
 def _validate_sampling(cfg: DictConfig) -> None:
-    _choice(cfg, "advantage.name", list(ADVANTAGE_ESTIMATORS))
+    name = _choice(cfg, "advantage.name", list(ADVANTAGE_ESTIMATORS))
+    options = {k: v for k, v in OmegaConf.to_container(_get(cfg, "advantage"), resolve=True).items() if k != "name"}  # type: ignore[union-attr]
+    try:  # required options set, values allowed (advantage.k, advantage.scale_rewards, ...)
+        check_advantage_options(name, options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if name == "pass_at_k":  # binary rewards only; fail now rather than at the first step
+        for key, allowed in (("reward.correct_reward", (1,)), ("reward.incorrect_reward", (0,)),
+                             ("reward.format_reward", (0,)), ("sampling.overlong_buffer_tokens", (0,))):
+            value = _get(cfg, key, allowed[0])
+            _require(value in allowed, f"{key}={value} with advantage=pass_at_k, which needs rewards of 0 or 1: set {key}={allowed[0]}")
     for field in ("dynamic", "overlong_filter"):
         value = _get(cfg, f"sampling.{field}")
         _require(isinstance(value, bool), f"sampling.{field}={value!r} must be true or false")
@@ -244,11 +302,17 @@ def _validate_rollout(cfg: DictConfig) -> None:
         _number(cfg, "rollout.max_prompt_tokens", ">= 1", integer=True)
     _choice(cfg, "rollout.overlong_prompts", OVERLONG_PROMPTS, default="drop")
     rollout = cfg.rollout
-    if cfg.advantage.name == "grpo":
+    within_group = {"grpo": "group-normalised grpo", "rloo": "leave-one-out rloo", "max_leave_one_out": "max_leave_one_out"}
+    if cfg.advantage.name in within_group:
         _require(
             rollout.group_size >= 2,
-            f"rollout.group_size={rollout.group_size} with the group-normalised grpo advantage: "
+            f"rollout.group_size={rollout.group_size} with the {within_group[cfg.advantage.name]} advantage: "
             "use group_size >= 2 (or advantage=dr_grpo)",
+        )
+    if cfg.advantage.get("k") is not None:
+        _require(
+            cfg.advantage.k <= rollout.group_size,
+            f"advantage.k={cfg.advantage.k} must be <= rollout.group_size={rollout.group_size} (k-subsets of a group)",
         )
     _require(
         rollout.prompts_per_step % rollout.mini_batches == 0,
@@ -291,6 +355,39 @@ def _validate_engine(cfg: DictConfig, key: str) -> str:
     return engine
 
 
+def _validate_correction(cfg: DictConfig) -> None:
+    """The ``correction`` group (rollout/training mismatch, objectives/correction.py)."""
+    if OmegaConf.select(cfg, "correction") is None:
+        return  # a config without the group: no correction
+    defaults = CorrectionSettings()
+    mode = _choice(cfg, "correction.mode", CORRECTION_MODES, default=defaults.mode)
+    _number(cfg, "correction.cap", "> 0", default=defaults.cap)
+    low = _number(cfg, "correction.mask_low", ">= 0", default=defaults.mask_low)
+    high = _number(cfg, "correction.mask_high", "> 0", default=defaults.mask_high)
+    _require(low < high, f"correction.mask_low={low} must be < correction.mask_high={high} (the band of kept ratios)")
+    geo = (_get(cfg, "correction.geo_low", None), _get(cfg, "correction.geo_high", None))
+    _require(
+        (geo[0] is None) == (geo[1] is None),
+        f"correction.geo_low={geo[0]} and correction.geo_high={geo[1]}: set both (the geometric-mean band) or neither",
+    )
+    if geo[0] is not None:
+        geo_low = _number(cfg, "correction.geo_low", ">= 0")
+        geo_high = _number(cfg, "correction.geo_high", "> 0")
+        _require(geo_low < geo_high, f"correction.geo_low={geo_low} must be < correction.geo_high={geo_high}")
+        _require(
+            mode in CORRECTION_WEIGHTING_MODES,
+            f"correction.geo_low/geo_high reject sequences on top of importance weights, and correction.mode="
+            f"{mode} applies none: use one of {', '.join(CORRECTION_WEIGHTING_MODES)}, or set both to null",
+        )
+    if mode != "none":
+        engine = str(_get(cfg, "rollout.engine.name", "shared_prefix"))
+        _require(
+            engine_class(engine).returns_logprobs,
+            f"correction.mode={mode} needs the sampled tokens' log-probs, and rollout/engine={engine} does not "
+            "return them: use rollout/engine=shared_prefix, static or vllm, or correction=none",
+        )
+
+
 def _validate_optim(cfg: DictConfig) -> None:
     _number(cfg, "optim.lr", "> 0")
     _number(cfg, "optim.weight_decay", ">= 0", default=0.0)
@@ -299,3 +396,121 @@ def _validate_optim(cfg: DictConfig) -> None:
     _number(cfg, "optim.warmup_updates", ">= 0", integer=True, default=0)
     _number(cfg, "optim.min_lr_ratio", "[0, 1]", default=0.0)
     _number(cfg, "optim.max_consecutive_nonfinite_updates", ">= 0", integer=True, default=5)
+    betas = _get(cfg, "optim.betas", [0.9, 0.999])
+    values = list(betas) if isinstance(betas, (list, tuple, ListConfig)) else [betas]
+    _require(
+        len(values) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in values),
+        f"optim.betas={values!r} must be two numbers in [0, 1): AdamW's [beta1, beta2], e.g. optim.betas=[0.9,0.999]",
+    )
+    _number(cfg, "optim.eps", "> 0", default=1e-8)
+    value = _get(cfg, "optim.fused", True)
+    _require(isinstance(value, bool), f"optim.fused={value!r} must be true or false")
+    for field in ("stop_update_ratio", "stop_grad_norm", "stop_loss"):
+        if _get(cfg, f"optim.{field}", None) is not None:
+            _number(cfg, f"optim.{field}", "> 0", note=" (null turns this exploding-update bound off)")
+
+
+SEED_RANGE = "[0, 4294967295]"  # what torch, NumPy and Lightning's seed_everything accept
+
+
+def _validate_run_settings(cfg: DictConfig) -> None:
+    """Settings first read after the model loads or during training (the seed, logging,
+    validation, the model's details, the data sizes, the schedule's arguments): checked here, so
+    that a bad value fails before the model loads."""
+    _number(cfg, "seed", SEED_RANGE, integer=True, note=" (seeds model init, data order and sampling)")
+    for key in ("validate_before_training", "checkpoint.save_last", "resume.reset_control",
+                "resume.allow_objective_change"):
+        value = _get(cfg, key, False)
+        _require(isinstance(value, bool), f"{key}={value!r} must be true or false")
+    for field, rule, note in (
+        ("sample_every_n_steps", ">= 0", " (0: never)"),
+        ("histogram_every_n_steps", ">= 0", " (0: never)"),
+        ("num_groups", ">= 1", " (groups written each time; logging.sample_every_n_steps=0 writes none)"),
+        ("num_samples", ">= 1", " (completions written each time; logging.sample_every_n_steps=0 writes none)"),
+    ):
+        if _get(cfg, f"logging.{field}", None) is not None:  # the fields the logging block has
+            _number(cfg, f"logging.{field}", rule, integer=True, note=note)
+    if _get(cfg, "trainer.val_check_interval", None) is not None:
+        _number(cfg, "trainer.val_check_interval", ">= 1", integer=True,
+                note=" (validate every N steps; trainer.limit_val_batches=0 turns validation off)")
+    _validate_model_details(cfg)
+    for field, rule in (("num_train", ">= 1"), ("num_val", ">= 0"), ("val_batch_size", ">= 1"),
+                        ("min_digits", ">= 1"), ("max_digits", ">= 1"), ("num_operands", ">= 2"),
+                        ("limit", ">= 1"), ("val_size", ">= 0")):
+        if _get(cfg, f"data.{field}", None) is not None:  # the fields the chosen data config has
+            _number(cfg, f"data.{field}", rule, integer=True)
+    digits = (_get(cfg, "data.min_digits", None), _get(cfg, "data.max_digits", None))
+    if None not in digits:
+        _require(digits[0] <= digits[1], f"data.max_digits={digits[1]} must be >= data.min_digits={digits[0]}")
+    _validate_scheduler(cfg)
+
+
+def _validate_model_details(cfg: DictConfig) -> None:
+    source = _get(cfg, "model.source")
+    rank = _number(cfg, "model.lora.r", ">= 0", integer=True, default=0, note=" (adapter rank; 0: off, every weight trains)")
+    if rank > 0:
+        _number(cfg, "model.lora.alpha", "> 0")
+        _number(cfg, "model.lora.dropout", "[0, 1)", default=0.0)
+        modules = _get(cfg, "model.lora.target_modules", None)
+        _require(
+            isinstance(modules, ListConfig) and len(modules) > 0 and all(isinstance(m, str) for m in modules),
+            f"model.lora.target_modules={modules!r} must be a non-empty list of module names, e.g. [q_proj,v_proj]",
+        )
+        _require(
+            importlib.util.find_spec("peft") is not None,
+            f"model.lora.r={rank} needs peft, which is not installed: pip install -e '.[lora]' (or model.lora.r=0)",
+        )
+    if source == "tiny":
+        for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if _get(cfg, f"model.tiny.{field}", None) is not None:
+                _number(cfg, f"model.tiny.{field}", ">= 1", integer=True)
+    name = _get(cfg, "model.name_or_path", None)
+    if source in ("pretrained", "smollm2_gguf") and name:
+        _check_model_folder(str(name))
+
+
+def _check_model_folder(name: str) -> None:
+    """A ``model.name_or_path`` that can only be a folder (absolute, ``./``, ``~``, or more than
+    one ``/``: hub ids are ``name`` or ``org/name``) must be a saved model's folder."""
+    path = Path(name).expanduser()
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith(".")
+    if path.exists() or not hub_id:
+        _require(
+            path.is_dir(),
+            f"model.name_or_path={name!r} is {'a file' if path.exists() else 'not an existing folder'}, and not a "
+            "hub id ('org/name'): pass the folder of a saved model (config.json and safetensors weights, as "
+            "model.save_pretrained writes) or a hub id",
+        )
+        _require(
+            (path / "config.json").is_file(),
+            f"model.name_or_path={name!r} has no config.json: it is not a saved Hugging Face model folder "
+            f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})",
+        )
+
+
+def _validate_scheduler(cfg: DictConfig) -> None:
+    """Build the schedule callback now: its constructor checks its arguments (fields, gains,
+    stages...), and a bad one fails here rather than after the model loaded."""
+    target = _get(cfg, "scheduler._target_", None)
+    if target is None:
+        return  # validate_config says that the scheduler has no _target_
+    try:
+        instantiate(cfg.scheduler)
+    except Exception as error:  # noqa: BLE001 - reported with the settings the class takes
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        settings = sorted((_constructor_keys(str(target)) or set()) - {"_target_"})
+        first = re.match(r"\w+", text)
+        if isinstance(cause, ImportError):
+            message = f"scheduler._target_={target!r} cannot be imported ({text})"
+        elif first and first.group(0) in settings:
+            message = f"scheduler.{text}"
+        else:
+            message = f"scheduler ({target}): {text}"
+        raise ConfigError(
+            f"{message}; scheduler=... picks another schedule, scheduler.<setting>=... sets one"
+            + (f" (its settings: {', '.join(settings)})" if settings else "")
+        ) from error

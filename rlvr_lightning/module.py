@@ -25,16 +25,26 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from rlvr_lightning import distributed
 from rlvr_lightning.checkpoints import rng_states, set_rng_states
 from rlvr_lightning.control import ControlState
+from rlvr_lightning.dashboard import UsedControls
 from rlvr_lightning.metrics import peak_memory_gib
 from rlvr_lightning.models import enable_activation_checkpointing, load_model_and_tokenizer
 from rlvr_lightning.objectives import ObjectiveParams, get_objective
+from rlvr_lightning.objectives.correction import CorrectionSettings
 from rlvr_lightning.optim import build_optimizer
+from rlvr_lightning.resume import schedule_state_keys
 from rlvr_lightning.rewards import RewardFunction
-from rlvr_lightning.rollout import Rollout, RolloutEngine, SamplingParams, build_engine
+from rlvr_lightning.rollout import (
+    Rollout,
+    RolloutEngine,
+    SamplingParams,
+    build_engine,
+    engine_class,
+)
 from rlvr_lightning.rollout.collector import CollectorSettings, RolloutCollector, timed
 from rlvr_lightning.schedulers.base import ConstantSchedule, StepInfo, control_callbacks
 from rlvr_lightning.update import ParallelHooks, PolicyUpdater, UpdateSettings
@@ -49,8 +59,9 @@ class RLVRModule(pl.LightningModule):
     ``engine`` block is ``conf/rollout/engine/*.yaml``), ``optim`` (optimizer and LR schedule),
     ``reward`` (``rewards.RewardFunction``), ``prompt`` (instruction and system prompt),
     ``sampling`` (``conf/sampling``: dynamic sampling, overlong shaping), ``advantage``
-    (``conf/advantage``: the estimator),
-    ``validation`` (held-out sampling).
+    (``conf/advantage``: the estimator's ``name`` and its options),
+    ``validation`` (held-out sampling), ``correction`` (``conf/correction``: the rollout/training
+    mismatch correction, ``objectives/correction.py``).
     """
 
     def __init__(
@@ -64,6 +75,7 @@ class RLVRModule(pl.LightningModule):
         sampling: dict[str, Any] | None = None,
         advantage: dict[str, Any] | None = None,
         validation: dict[str, Any] | None = None,
+        correction: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -77,6 +89,7 @@ class RLVRModule(pl.LightningModule):
         self.objective_spec = get_objective(self.objective_name)
         self.objective_params = ObjectiveParams.from_config(objective)
         self.control = ControlState(**dict(objective.get("control") or {}))
+        self.correction = CorrectionSettings.from_config(correction)
 
         model = dict(model)
         gradient_checkpointing = bool(model.pop("gradient_checkpointing", False))
@@ -90,22 +103,40 @@ class RLVRModule(pl.LightningModule):
         )
         self.reward_fn = RewardFunction(**reward)
         self.engine_options = dict(self.rollout_cfg.get("engine") or {"name": "shared_prefix"})
+        engine_cls = engine_class(str(self.engine_options.get("name", "shared_prefix")))
+        if self.correction.needs_rollout_logprobs and not engine_cls.returns_logprobs:
+            raise ValueError(
+                f"correction.mode={self.correction.mode} needs the sampled tokens' log-probs, which "
+                f"rollout/engine={self.engine_options.get('name')} does not return: use shared_prefix, static or vllm"
+            )
         self.engine: RolloutEngine | None = None  # built on first use, closed at teardown
         self.collector = RolloutCollector(
             self.tokenizer, self.reward_fn, self._generate,
             CollectorSettings.from_config(
-                self.rollout_cfg, prompt or {}, sampling or {}, {"advantage": (advantage or {}).get("name", "grpo")}
+                self.rollout_cfg, prompt or {}, sampling or {},
+                {
+                    "advantage": (advantage or {}).get("name", "grpo"),
+                    "advantage_options": {k: v for k, v in (advantage or {}).items() if k != "name"},
+                    # vLLM computes log-probs only when asked; shared_prefix and static always do.
+                    "rollout_logprobs": self.correction.needs_rollout_logprobs,
+                },
             ),
         )
         self.updater = PolicyUpdater(
             self.policy, self.objective_name, self.objective_params, self.control,
             UpdateSettings.from_config(self.rollout_cfg, optim), ref_policy=self.ref_policy,
+            correction=self.correction,
         )
         self.updates_per_rollout = self.updater.settings.updates_per_rollout
         self.held_out = HeldOutMetrics(**(validation or {}), rollout_temperature=float(rollout["temperature"]))
         self.last_rollout: Rollout | None = None  # the step's rollout, for callbacks (sample logging)
         self.step_metrics: dict[str, float] = {}  # the scalars of the last step, as logged
-        if self.updates_per_rollout == 1 and self.objective_spec.uses_clipping:
+        # On resume, the control state (and the schedules' state) come from the checkpoint;
+        # train.run sets False for resume.reset_control / resume.allow_objective_change.
+        self.restore_control = True
+        self.used_controls = UsedControls(self.control)  # control/ tags: the controls the run uses
+        # (bypass: the ratio anchors on the engine's log-probs, so it is not 1 even then)
+        if self.updates_per_rollout == 1 and self.objective_spec.uses_clipping and not self.correction.bypass:
             warnings.warn(
                 f"updates_per_rollout == 1: objective {self.objective_name!r} relies on clipping, "
                 "but with one optimizer step per rollout the ratio is exactly 1 and nothing is "
@@ -135,8 +166,13 @@ class RLVRModule(pl.LightningModule):
             gathered=self._gathered,
             world_size=self.trainer.world_size,
         )
+        # advantage.scale_rewards=batch: the std of the whole train batch, all ranks (rewards live
+        # on the CPU; the collective runs on this rank's device).
+        self.collector.reduce_sum = lambda values: strategy.reduce(values.to(self.device), reduce_op="sum").cpu()
         self.schedules = control_callbacks(self.trainer)
-        if self.updates_per_rollout == 1 and any(not isinstance(cb, ConstantSchedule) for cb in self.schedules):
+        if self.updates_per_rollout == 1 and any(
+            not isinstance(cb, ConstantSchedule) and cb.relies_on_clipping for cb in self.schedules
+        ):
             warnings.warn(
                 "updates_per_rollout == 1: a clip-threshold schedule has no effect because nothing "
                 "is clipped with one optimizer step per rollout",
@@ -153,14 +189,20 @@ class RLVRModule(pl.LightningModule):
         checkpoint["rlvr_nonfinite_updates"] = self.updater.nonfinite_updates
         checkpoint["rlvr_consecutive_nonfinite_updates"] = self.updater.consecutive_nonfinite_updates
         checkpoint["rlvr_rng_states"] = rng_states()
+        checkpoint["rlvr_logged_controls"] = self.used_controls.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rlvr_control_state" not in checkpoint:
             raise ValueError("checkpoint has no rlvr_lightning control state; was it written by rlvr_lightning?")
-        self.control.load_state_dict(checkpoint["rlvr_control_state"])
+        if self.restore_control:
+            self.control.load_state_dict(checkpoint["rlvr_control_state"])
+        else:  # resume.reset_control / allow_objective_change: the config's values, schedules afresh
+            for key in schedule_state_keys(checkpoint, self.trainer):
+                del checkpoint["callbacks"][key]
         self.updater.nonfinite_updates = int(checkpoint.get("rlvr_nonfinite_updates", 0))
         self.updater.consecutive_nonfinite_updates = int(checkpoint.get("rlvr_consecutive_nonfinite_updates", 0))
         set_rng_states(checkpoint.get("rlvr_rng_states", {}))
+        self.used_controls.load_state_dict(checkpoint.get("rlvr_logged_controls", ()))
 
     def _advance_step_counter(self) -> None:
         # Optimizer steps go to the plain optimizer; one Lightning step is one rollout.
@@ -180,9 +222,13 @@ class RLVRModule(pl.LightningModule):
         anyway: skipping it saves a forward pass over the rollout. It is kept when a schedule other
         than ``constant`` runs, because schedules read the rollout entropy before the update, and
         when ``rollout.old_logprobs_from_update`` is false. (The update pass runs in train mode: a
-        model with dropout would see its pi_old values differ from an eval-mode pass.)
+        model with dropout would see its pi_old values differ from an eval-mode pass.) It is kept
+        too when the top-entropy-quantile mask is on: its threshold needs pi_old's entropies of
+        the whole mini-batch before the first micro-batch.
         """
         if self.updates_per_rollout != 1 or not self.rollout_cfg.get("old_logprobs_from_update", True):
+            return False
+        if self.control.entropy_quantile < 1.0:
             return False
         return all(isinstance(cb, ConstantSchedule) for cb in self.schedules)
 
@@ -228,30 +274,41 @@ class RLVRModule(pl.LightningModule):
                 self.updater.ref_logprobs(rollout)
         if not old_from_update:
             rollout_metrics.update(self.updater.rollout_entropy_metrics(rollout))
+            # Mismatch metrics (and the correction's weights, before the update reads them).
+            rollout_metrics.update(self.updater.rollout_correction(rollout))
 
         info = StepInfo(
             step=step,
             total_steps=max(int(self.trainer.max_steps), 1),
             # NaN when pi_old comes from the update pass: only constant schedules run then.
-            rollout_entropy=float(rollout_metrics.get("entropy/rollout", math.nan)),
+            # Token mean over every rank's rollout, so all ranks' schedules agree.
+            rollout_entropy=math.nan if old_from_update else self.updater.rollout_entropy_all_ranks(rollout),
             reward_mean=float(rollout_metrics["reward/mean"]),
         )
-        for schedule in self.schedules:
-            schedule.on_rollout_end(self.trainer, self, info)
+        with self.control.recording() as scheduled:  # the fields the schedules write
+            for schedule in self.schedules:
+                schedule.on_rollout_end(self.trainer, self, info)
 
-        with timed(timings, "update"):
+        with timed(timings, "update"), self.control.recording() as used:  # the fields the update reads
             generator = torch.Generator().manual_seed(self._step_seed(step, salt=1))
             update_metrics = self.updater.update(
                 rollout, self.optimizers(use_pl_optimizer=False), self.lr_schedulers(), generator, old_from_update
             )
+        self.used_controls.note(self.control, read=used.read, written=scheduled.written)
         if old_from_update:
             rollout_metrics.update(self.updater.rollout_entropy_metrics(rollout))
+            # pi_old's log-probs came from the update pass: the same values, measured now (the
+            # update computed the weights per micro-batch from the same numbers).
+            rollout_metrics.update(self.updater.rollout_correction(rollout))
 
         step_seconds = time.perf_counter() - step_start
         completion_tokens = float(rollout.response_mask.sum())
         metrics = {**rollout_metrics, **update_metrics}
-        metrics.update({f"control/{k}": v for k, v in self.control.scalars().items()})
-        metrics["control/updates_per_rollout"] = float(self.updates_per_rollout)
+        # Control info keys holding a "/" are whole tags (entropy/controller_measured).
+        metrics.update({k if "/" in k else f"control/{k}": v for k, v in self.control.scalars().items()})
+        # Only the controls this run uses, and no objective/*_in_force that repeats one of them
+        # (dashboard.UsedControls); the others, and updates_per_rollout, are in the HParams summary.
+        metrics = self.used_controls.filter(metrics)
         metrics.update({f"time/{k}_seconds": v for k, v in timings.items()})
         metrics["time/step_seconds"] = step_seconds
         metrics["perf/completion_tokens_per_second"] = completion_tokens / max(step_seconds, 1e-9)
@@ -266,12 +323,16 @@ class RLVRModule(pl.LightningModule):
         self.last_rollout = rollout
         self._advance_step_counter()
         self._stop_if_nonfinite(step)
+        self._stop_if_exploding(step)
 
     def _log_at_step(self, metrics: dict[str, float], step: int) -> None:
         """Write scalars at x = ``step`` (rollouts completed before them): Lightning's own logging
         step counts batches, which drifts from the rollout count across a resume."""
         if self.logger is not None and self.trainer.is_global_zero:
             self.logger.log_metrics(metrics, step=step)
+            if isinstance(self.logger, TensorBoardLogger):
+                # On disk at once, not after TensorBoard's 120 s flush interval or 10 queued events.
+                self.logger.experiment.flush()
 
     # ------------------------------------------------------------------ faults
 
@@ -302,10 +363,33 @@ class RLVRModule(pl.LightningModule):
         raise RuntimeError(
             f"training stopped at step {step}: {self.updater.consecutive_nonfinite_updates} optimizer updates "
             f"in a row had a NaN/Inf loss or gradient and were skipped "
-            f"(optim.max_consecutive_nonfinite_updates={limit}). A checkpoint of the last good "
-            f"weights is at {path}. Try a lower optim.lr or optim.max_grad_norm, check the data and "
-            f"rewards of the last steps (optim/skipped_nonfinite_updates in TensorBoard), then resume "
-            f"with ckpt_path={path}"
+            f"(optim.max_consecutive_nonfinite_updates={limit}). {path} holds the state before "
+            f"them: the skipped updates changed nothing, so the weights and optimizer moments are "
+            f"those the last update taken left (if the loss or optim/grad_norm was already climbing "
+            f"before, resume from an earlier step_*.ckpt instead). Try a lower optim.lr or "
+            f"optim.max_grad_norm, check the data and rewards of the last steps "
+            f"(optim/skipped_nonfinite_updates in TensorBoard), then resume with ckpt_path={path} "
+            f"(a changed optim.lr takes effect on resume)"
+        )
+
+    def _stop_if_exploding(self, step: int) -> None:
+        """After an update that was not taken because it would have blown up the weights
+        (``stability.explosion_reason``), save ``checkpoints/exploding_update_stop.ckpt``, the
+        state before that update, and stop the run with an error that says what to try."""
+        what = self.updater.exploding_update
+        if what is None:
+            return
+        callback = self.trainer.checkpoint_callback
+        folder = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
+        path = folder / "exploding_update_stop.ckpt"
+        self.trainer.save_checkpoint(path)  # atomic: the trainer's checkpoint I/O (train.build)
+        raise RuntimeError(
+            f"training stopped at step {step}: {what}. That update and the rest of the step were "
+            f"not taken, so {path} holds the state before it: the weights and optimizer moments "
+            f"as the last update taken left them, and the step counter at {step + 1}. Lower "
+            f"optim.lr, or loosen the bound if it is too tight for this "
+            f"model (optim.stop_update_ratio, optim.stop_grad_norm, optim.stop_loss; null turns "
+            f"one off), then resume with ckpt_path={path} (a changed optim.lr takes effect on resume)"
         )
 
     # ------------------------------------------------------------------ validation

@@ -15,20 +15,28 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from rlvr_lightning.allocator import keep_freed_memory
-from rlvr_lightning.callbacks import SampleLogger
+from rlvr_lightning.callbacks import DashboardLogger, SampleLogger
 from rlvr_lightning.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_fits,
     read_resume_checkpoint,
 )
 from rlvr_lightning.config import validate_config
+from rlvr_lightning.dashboard import run_hparams
+from rlvr_lightning.loggers import build_logger, finish_logger
 from rlvr_lightning.module import RLVRModule
 from rlvr_lightning.preemption import PreemptionCallback
+from rlvr_lightning.preflight import (
+    check_output_folders,
+    remove_unused_run_folder,
+    warn_long_prompts,
+    write_run_files,
+)
 from rlvr_lightning.progress import RolloutProgressBar
+from rlvr_lightning.resume import ResumeConfig, plan_resume, sharded_metadata
 
 # Lightning warnings that do not apply to this loop: optimizer steps are taken inside the
 # training step on purpose (manual optimisation), and checkpoints hold the post-update state.
@@ -74,6 +82,7 @@ def build(
         sampling=sampling,
         advantage=container["advantage"],
         validation=container["validation"],
+        correction=container.get("correction"),
         seed=int(cfg.seed),
     )
     every = int(cfg.checkpoint.every_n_steps)
@@ -86,13 +95,23 @@ def build(
         save_last=bool(cfg.checkpoint.save_last),
         save_on_train_epoch_end=True,
     )
-    callbacks = [instantiate(cfg.scheduler), checkpoint, SampleLogger(**container["logging"])]
+    logging = container["logging"]
+    callbacks = [
+        instantiate(cfg.scheduler),
+        checkpoint,
+        SampleLogger(logging["sample_every_n_steps"], logging["num_groups"]),
+        # TensorBoard: custom-scalars layout, HParams summary, histograms (rlvr_lightning/dashboard.py).
+        DashboardLogger(logging["histogram_every_n_steps"], run_hparams(cfg, module.control)),
+    ]
     # On SIGTERM/SIGINT: finish the step, save checkpoints/preempted.ckpt, print the resume
     # command, exit 143/130 (after ModelCheckpoint, so it saves the step's final state).
     callbacks.append(PreemptionCallback(run_dir / "checkpoints"))
+    # The config goes into every checkpoint (what a resume compares with); on resume the
+    # config's optimizer settings (lr, betas, ...) replace the restored ones.
+    callbacks.append(ResumeConfig(container))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RolloutProgressBar())
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
+    logger = build_logger(cfg.get("logger"), run_dir)  # conf/logger: TensorBoard (default), CSV, W&B, MLflow
     # Evaluation-only sets (val_size 0) have no held-out rows: training runs without validation.
     no_validation = {} if datamodule.val_rows else {"limit_val_batches": 0}
     trainer = instantiate(
@@ -109,19 +128,40 @@ def build(
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
     """Train as configured; returns the final logged metrics (floats)."""
     run_dir = run_dir or run_dir_of(cfg)
-    # Bad values and bad checkpoints fail here, before a model loads or a file is written.
+    # Bad values, bad checkpoints, a config that contradicts the checkpoint's run and unwritable
+    # output folders fail here, before a model loads or a file is written.
     validate_config(cfg)
     checkpoint = read_resume_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    # What the checkpoint's run was configured with (a sharded checkpoint: its meta.pt).
+    recorded = checkpoint if checkpoint is not None or not cfg.ckpt_path else sharded_metadata(cfg.ckpt_path)
+    resume = plan_resume(cfg, recorded, cfg.ckpt_path) if recorded is not None else None
+    if cfg.ckpt_path and recorded is None:
+        warnings.warn(
+            f"ckpt_path={cfg.ckpt_path} is a sharded checkpoint without a readable meta.pt: its run's settings "
+            "are not compared with this config (resume with the config of the run that wrote it)",
+            stacklevel=2,
+        )
+    check_output_folders(run_dir)
+    if resume is not None:
+        resume.report()
     trainer, module, datamodule = build(cfg, run_dir, validate=False)
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint, cfg.ckpt_path, module)
         del checkpoint
+    if resume is not None:
+        module.restore_control = resume.restore_control
+    warn_long_prompts(module, datamodule.train_rows, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_run_files(cfg, run_dir)  # config.yaml (and Hydra's .hydra/), now that the config passed
     if cfg.validate_before_training and not cfg.ckpt_path and datamodule.val_rows:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         say(trainer, f"held-out accuracy before training: {float(trainer.callback_metrics['val/accuracy']):.3f}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except BaseException:
+        finish_logger(trainer.logger, failed=True)
+        raise
+    finish_logger(trainer.logger)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if "val/accuracy" in metrics:
         say(trainer, f"held-out accuracy after training: {metrics['val/accuracy']:.3f}")
@@ -131,7 +171,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    run_dir = run_dir_of(cfg)
+    try:
+        metrics = run(cfg)
+    except BaseException:
+        # A run that failed before writing anything leaves no folder (Hydra creates it first).
+        remove_unused_run_folder(run_dir, HydraConfig.get().job.name)
+        raise
     return metrics.get("val/accuracy")
 
 

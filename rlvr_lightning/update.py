@@ -25,8 +25,22 @@ from rlvr_lightning.logprobs import (
 )
 from rlvr_lightning.metrics import entropy_by_region
 from rlvr_lightning.objectives import LossNormalizer, ObjectiveParams, PolicyBatch, compute_loss
+from rlvr_lightning.objectives.base import log_ratio as policy_log_ratio
+from rlvr_lightning.objectives.correction import (
+    CorrectionSettings,
+    correction_weights,
+    known_rollout_logp,
+    mismatch_metrics,
+)
+from rlvr_lightning.objectives.entropy_mask import (
+    EntropyMaskStats,
+    check_entropy_quantile,
+    entropy_quantile_threshold,
+    top_entropy_mask,
+)
 from rlvr_lightning.packing import micro_batches
 from rlvr_lightning.rollout import Rollout
+from rlvr_lightning.stability import explosion_reason
 
 
 def _not_gathered(model: torch.nn.Module) -> AbstractContextManager[bool]:
@@ -56,6 +70,11 @@ class UpdateSettings:
     share_prompt_forward: bool = True
     max_grad_norm: float = 1.0
     max_consecutive_nonfinite_updates: int = 5
+    # Exploding-update bounds (stability.py; null = off): an update beyond one is not taken and
+    # the run stops with a checkpoint of the state before it.
+    stop_update_ratio: float | None = 1.0
+    stop_grad_norm: float | None = None
+    stop_loss: float | None = None
 
     @classmethod
     def from_config(cls, *blocks: dict[str, Any]) -> UpdateSettings:
@@ -85,6 +104,17 @@ class PolicyUpdater:
     hooks: ParallelHooks = field(default_factory=ParallelHooks)
     nonfinite_updates: int = 0
     consecutive_nonfinite_updates: int = 0
+    # Set when an update was not taken for exploding (stability.explosion_reason): what and why.
+    exploding_update: str | None = None
+    # The AdamW moments were accumulated under other betas (a resume that changed optim.betas):
+    # the update-size check then computes every update exactly.
+    moments_from_other_betas: bool = False
+    # Rollout/training mismatch correction (objectives/correction.py; the ``correction`` group).
+    correction: CorrectionSettings = field(default_factory=CorrectionSettings)
+    # Keep every loss token's importance ratio of the next update in ``last_ratios`` (the
+    # ``hist/ratio`` histogram; set by callbacks.DashboardLogger on histogram steps).
+    record_ratios: bool = False
+    last_ratios: torch.Tensor | None = None
 
     def micro_batches(self, groups: torch.Tensor, rollout: Rollout) -> list[torch.Tensor]:
         return micro_batches(
@@ -172,6 +202,54 @@ class PolicyUpdater:
         metrics.update(entropy_by_region(entropy, rollout.data["old_logp"], advantages, mask))
         return metrics
 
+    def rollout_correction(self, rollout: Rollout) -> dict[str, float]:
+        """The mismatch metrics between the engine's log-probs (``rollout_logp``) and pi_old's
+        (``old_logp``) over the loss mask, and under a weighting correction the importance
+        weights, stored as ``rollout.data["is_weights"]`` for every mini-batch and epoch. Empty
+        when the engine gave no log-probs (only allowed with ``correction.mode=none``)."""
+        if "rollout_logp" not in rollout.data:
+            self._require_rollout_logp(rollout)
+            return {}
+        mask = rollout.data["loss_mask"]
+        old_logp = rollout.data["old_logp"]
+        rollout_logp = rollout.data["rollout_logp"].to(old_logp.device)
+        weights = truncated = None
+        if self.correction.weighted:
+            weights, truncated = correction_weights(old_logp, rollout_logp, mask, self.correction)
+            rollout.data["is_weights"] = weights
+        return mismatch_metrics(old_logp, rollout_logp, mask, weights, truncated)
+
+    def _require_rollout_logp(self, rollout: Rollout) -> None:
+        if self.correction.needs_rollout_logprobs and "rollout_logp" not in rollout.data:
+            raise ValueError(
+                f"correction.mode={self.correction.mode} needs the rollout engine's log-probs of the sampled "
+                "tokens (rollout.data['rollout_logp']), and this rollout has none: use an engine that returns "
+                "them (shared_prefix, static, vllm) or correction=none"
+            )
+
+    def rollout_entropy_all_ranks(self, rollout: Rollout) -> float:
+        """pi_old's mean token entropy over the loss mask of every rank's rollout (the value
+        schedules act on, so that all ranks agree; one rank: ``entropy/rollout``)."""
+        mask = rollout.data["loss_mask"]
+        entropy = rollout.data["old_entropy"]
+        totals = self.hooks.reduce_sum(torch.stack([(entropy * mask).sum(), mask.sum().to(entropy.dtype)]))
+        return float(totals[0] / totals[1].clamp_min(1))
+
+    def _explosion(self, loss: float, grad_norm: float, optimizer: torch.optim.Optimizer, device: Any) -> str | None:
+        """Why this finite update would blow up the weights (``stability.explosion_reason``), or
+        None; every rank agrees (a rank over a bound stops them all)."""
+        s = self.settings
+        if s.stop_update_ratio is None and s.stop_grad_norm is None and s.stop_loss is None:
+            return None
+        sharded = distributed.is_sharded(self.policy) and distributed.world_size() > 1
+        reason = explosion_reason(
+            loss, grad_norm, optimizer, s.stop_loss, s.stop_grad_norm, s.stop_update_ratio,
+            reduce_sum=self.hooks.reduce_sum if sharded else None, exact=self.moments_from_other_betas,
+        )
+        if distributed.all_ranks(reason is None, device):
+            return None
+        return reason or "another rank's update exceeded optim.stop_loss, stop_grad_norm or stop_update_ratio"
+
     def update(
         self,
         rollout: Rollout,
@@ -184,9 +262,14 @@ class PolicyUpdater:
 
         Mini-batches hold whole groups in the order ``generator`` draws. ``old_from_update``:
         there is one update, and its own forward pass gives pi_old's log-probs and entropies
-        (written into ``rollout.data``). An update whose loss or gradient is NaN/Inf on any rank
+        (written into ``rollout.data``); the rollout correction's weights are then computed per
+        micro-batch from that pass (rows are whole responses, so the values are those of
+        ``rollout_correction``). Under ``correction.mode=bypass`` the engine's log-probs are
+        ``logp_old`` of the objective. An update whose loss or gradient is NaN/Inf on any rank
         is skipped on every rank; after ``max_consecutive_nonfinite_updates`` of them in a row no
-        more updates are taken (the module then stops the run).
+        more updates are taken (the module then stops the run). A finite update beyond a bound of
+        ``stability.explosion_reason`` (``optim.stop_update_ratio``, ``stop_grad_norm``,
+        ``stop_loss``) is not taken either, nor any after it (``exploding_update`` says why).
         """
         settings = self.settings
         num_groups = len(rollout) // rollout.group_size
@@ -197,13 +280,29 @@ class PolicyUpdater:
         advantages = rollout.data["advantages"].to(device)
         loss_mask = rollout.data["loss_mask"].to(device)
         correct = rollout.data["correct"].to(device)
-        need_entropy_grad = self.objective_params.entropy_coef > 0
+        # The coefficient in force for this rollout: schedules set it before the update.
+        need_entropy_grad = self.control.applied_entropy_coef != 0.0
+        # Top-entropy-quantile mask (objectives/entropy_mask.py): its threshold needs pi_old's
+        # entropies of the whole mini-batch before the first micro-batch's backward pass.
+        entropy_quantile = check_entropy_quantile(self.control.entropy_quantile)
+        if entropy_quantile < 1.0 and old_from_update:
+            raise ValueError(
+                "objective.control.entropy_quantile < 1 needs pi_old's entropies before the update: "
+                "run the pre-update log-prob pass (old_from_update=False)"
+            )
+        mask_stats = EntropyMaskStats()
+        correction = self.correction
+        self._require_rollout_logp(rollout)
+        rollout_logp = rollout.data["rollout_logp"].to(device) if correction.needs_rollout_logprobs else None
+        if correction.weighted and not old_from_update and "is_weights" not in rollout.data:
+            self.rollout_correction(rollout)
         if old_from_update:  # filled below from the (single) update pass
             for key in ("old_logp", "old_entropy"):
                 rollout.data[key] = torch.zeros(len(rollout), rollout.response_length, device=device)
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         losses, grad_norms, skipped = [], [], 0
+        ratios: list[torch.Tensor] = []  # with record_ratios
         limit = settings.max_consecutive_nonfinite_updates
         stop_run = False  # the NaN/Inf limit was reached: no more updates
         for _epoch in range(settings.epochs):
@@ -226,6 +325,14 @@ class PolicyUpdater:
                     world_size=self.hooks.world_size,
                     num_correct_tokens=float(counts[2]),
                 )
+                threshold = None
+                if entropy_quantile < 1.0:
+                    # tau over the valid tokens of the whole mini-batch on every rank, so the mask
+                    # does not depend on micro-batch size or data-parallel layout.
+                    values = distributed.gather_across_ranks(rollout.data["old_entropy"][mini][mini_mask.bool()])
+                    threshold = entropy_quantile_threshold(values, entropy_quantile)
+                    if threshold is not None:
+                        mask_stats.add(values, threshold)
                 optimizer.zero_grad(set_to_none=True)
                 mini_loss = 0.0
                 batches = distributed.equal_micro_batches(self.micro_batches(mini_groups, rollout), device)
@@ -237,9 +344,19 @@ class PolicyUpdater:
                     if old_from_update:
                         rollout.data["old_logp"][micro_dev, used] = logp.detach()
                         rollout.data["old_entropy"][micro_dev, used] = entropy.detach()
+                    old_logp = rollout.data["old_logp"][micro_dev, used]
+                    is_weights = None
+                    if correction.weighted and old_from_update:
+                        is_weights, _ = correction_weights(
+                            old_logp, rollout_logp[micro_dev, used], loss_mask[micro_dev, used], correction
+                        )
+                    elif correction.weighted:
+                        is_weights = rollout.data["is_weights"][micro_dev, used]
+                    if correction.bypass:  # logp_old := logp_rollout (the ratio anchors on mu)
+                        old_logp = known_rollout_logp(old_logp, rollout_logp[micro_dev, used])
                     batch = PolicyBatch(
                         logp=logp,
-                        old_logp=rollout.data["old_logp"][micro_dev, used],
+                        old_logp=old_logp,
                         advantages=advantages[micro_dev].unsqueeze(-1).expand_as(logp),
                         mask=loss_mask[micro_dev, used],
                         entropy=entropy,
@@ -247,6 +364,10 @@ class PolicyUpdater:
                         ref_logp=rollout.data["ref_logp"][micro_dev, used] if "ref_logp" in rollout.data else None,
                         correct=correct[micro_dev],
                         generator=generator,
+                        token_mask=None if threshold is None else top_entropy_mask(
+                            rollout.data["old_entropy"][micro_dev, used], loss_mask[micro_dev, used], threshold
+                        ),
+                        is_weights=is_weights,
                     )
                     loss, metrics = compute_loss(
                         self.objective_name, batch, self.control, self.objective_params, normalizer
@@ -258,6 +379,8 @@ class PolicyUpdater:
                     self.hooks.backward(loss)
                     mini_loss += float(loss.detach())
                     tokens = float(batch.mask.sum())
+                    if self.record_ratios:
+                        ratios.append(policy_log_ratio(batch).detach().exp()[batch.mask.bool()].cpu())
                     metrics["entropy/update"] = (entropy.detach() * batch.mask).sum() / batch.mask.sum().clamp_min(1)
                     for key, value in metrics.items():
                         totals[key] += float(value) * tokens
@@ -274,6 +397,13 @@ class PolicyUpdater:
                     self.consecutive_nonfinite_updates += 1
                     stop_run = 0 < limit <= self.consecutive_nonfinite_updates
                     continue
+                explosion = self._explosion(mini_loss, float(grad_norm), optimizer, device)
+                if explosion is not None:  # finite, but it would wreck the weights: not taken
+                    optimizer.zero_grad(set_to_none=True)
+                    total = settings.epochs * mini_batches
+                    self.exploding_update = f"update {len(losses) + skipped + 1} of {total} of the step: {explosion}"
+                    stop_run = True
+                    continue
                 self.consecutive_nonfinite_updates = 0
                 optimizer.step()
                 lr_scheduler.step()
@@ -286,4 +416,6 @@ class PolicyUpdater:
         out["optim/loss"] = sum(losses) / max(len(losses), 1)
         out["optim/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         out["optim/skipped_nonfinite_updates"] = float(skipped)
+        out.update(mask_stats.metrics())
+        self.last_ratios = torch.cat(ratios) if ratios else None
         return out

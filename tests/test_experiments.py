@@ -137,11 +137,18 @@ def test_command_line_overrides_win_over_the_experiment() -> None:
 
 
 def test_run_folder_without_an_experiment_is_unchanged() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     cfg = compose_with_hydra(["objective=dapo"])
     assert "recipe" not in cfg
-    assert re.fullmatch(r"outputs/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_dapo", cfg.hydra.run.dir)
     cfg.hydra.job.num = 1
-    assert cfg.hydra.sweep.subdir == "1_dapo"
+    HydraConfig.instance().set_config(cfg)  # the folder names hold ${hydra:runtime.choices.<group>}
+    try:
+        # <date>_<time>_<objective>_<schedule>
+        assert re.fullmatch(r"outputs/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_dapo_constant", cfg.hydra.run.dir)
+        assert cfg.hydra.sweep.subdir == "1_dapo_constant"
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_train_command_runs_a_multirun_over_arms_and_seeds(tmp_path: Path) -> None:

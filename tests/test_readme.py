@@ -24,7 +24,7 @@ def test_custom_schedule_listing_is_the_example_file() -> None:
 
 
 def test_every_config_group_option_is_documented() -> None:
-    for group in ("objective", "scheduler", "model", "trainer", "sampling", "advantage", "rollout/engine"):
+    for group in ("objective", "scheduler", "model", "trainer", "sampling", "advantage", "rollout/engine", "correction", "logger"):
         for config in (REPO / "rlvr_lightning" / "conf" / group).glob("*.yaml"):
             assert f"`{config.stem}`" in README, f"{group}/{config.stem} is not in the README"
 

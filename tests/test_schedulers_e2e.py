@@ -2,8 +2,10 @@
 
 Each config in ``conf/scheduler`` runs ``train.run`` on the tiny model for 3 rollouts (4 updates
 each); the thresholds logged under ``control/`` and the bounds the objective reports as in force
-(``objective/eps_*_in_force``) must move for every non-constant schedule and stay put for
-``constant``. Open-loop schedules are also checked value by value against their formulas.
+(``objective/eps_*_in_force``, logged where probability-dependent bounds make them differ from
+``control/eps_*``) must move for every non-constant schedule and stay put for ``constant``; the
+controls a schedule does not use are not logged (``absent``). Open-loop schedules are also checked
+value by value against their formulas.
 """
 
 from __future__ import annotations
@@ -31,15 +33,10 @@ FAST = [
     "objective=grpo",  # eps_low = eps_high = 0.2, no dual clip
 ]
 
-THRESHOLDS = (
-    "control/eps_low",
-    "control/eps_high",
-    "control/high_prob_weight",
-    "control/low_prob_weight",
-    "control/beta1",
-    "control/beta2",
-)
 IN_FORCE = ("objective/eps_low_in_force", "objective/eps_high_in_force")
+# Never logged under GRPO without probability-dependent bounds: they would repeat control/eps_*,
+# or hold a setting GRPO does not use (in the HParams summary instead).
+UNUSED = IN_FORCE + ("control/high_prob_weight", "control/low_prob_weight", "control/beta1", "control/beta2")
 
 
 def cosine(start: float, end: float, fraction: float) -> float:
@@ -53,25 +50,22 @@ SPECS: dict[str, dict] = {
         overrides=[],
         exact={"control/eps_low": [0.2] * 3, "control/eps_high": [0.2] * 3},
         moving=(),
-        constant=THRESHOLDS + IN_FORCE,
+        constant=("control/eps_low", "control/eps_high"),
+        absent=UNUSED + ("control/schedule_phase", "control/updates_per_rollout"),
     ),
     "linear": dict(  # eps_high 0.28 -> 0.2 over T
         overrides=[],
-        exact={
-            "control/eps_high": [0.28 - 0.08 * k / STEPS for k in range(STEPS)],
-            "objective/eps_high_in_force": [0.28 - 0.08 * k / STEPS for k in range(STEPS)],
-        },
-        moving=("control/eps_high", "objective/eps_high_in_force"),
-        constant=("control/eps_low", "objective/eps_low_in_force", "control/high_prob_weight"),
+        exact={"control/eps_high": [0.28 - 0.08 * k / STEPS for k in range(STEPS)]},
+        moving=("control/eps_high",),
+        constant=("control/eps_low",),
+        absent=UNUSED,
     ),
     "cosine": dict(
         overrides=[],
-        exact={
-            "control/eps_high": [cosine(0.28, 0.2, k / STEPS) for k in range(STEPS)],
-            "objective/eps_high_in_force": [cosine(0.28, 0.2, k / STEPS) for k in range(STEPS)],
-        },
-        moving=("control/eps_high", "objective/eps_high_in_force"),
-        constant=("control/eps_low", "objective/eps_low_in_force"),
+        exact={"control/eps_high": [cosine(0.28, 0.2, k / STEPS) for k in range(STEPS)]},
+        moving=("control/eps_high",),
+        constant=("control/eps_low",),
+        absent=UNUSED,
     ),
     # ID, lam = 1 - 2k/T: weights (lam, 0) while k <= T/2, then (0, 1 + lam).
     "increase_then_decrease": dict(
@@ -123,37 +117,39 @@ SPECS: dict[str, dict] = {
     # so eps_high steps down and eps_low up by exactly 0.02 after the error-free first step.
     "target_entropy": dict(
         overrides=[],
+        exact={"control/eps_high": [0.2, 0.18, 0.16], "control/eps_low": [0.2, 0.22, 0.24]},
+        moving=("control/eps_low", "control/eps_high", "control/target_entropy"),
+        constant=(),
+        absent=UNUSED,
+    ),
+    # Skywork-OR1's adaptive entropy coefficient with a target of 2 * H_init, far above the
+    # measured entropy: the gate opens at step 0 and alpha rises by step_size every rollout;
+    # the clip thresholds stay put.
+    "adaptive_entropy": dict(
+        overrides=["scheduler.relative_to_initial=true", "scheduler.target_entropy=2.0"],
         exact={
-            "control/eps_high": [0.2, 0.18, 0.16],
-            "control/eps_low": [0.2, 0.22, 0.24],
-            "objective/eps_high_in_force": [0.2, 0.18, 0.16],
-            "objective/eps_low_in_force": [0.2, 0.22, 0.24],
+            "control/entropy_coef": [0.005, 0.01, 0.015],
+            "control/entropy_coef_applied": [0.005, 0.01, 0.015],
+            "control/entropy_gate": [1.0, 1.0, 1.0],
         },
-        moving=("control/eps_low", "control/eps_high", "control/target_entropy") + IN_FORCE,
-        constant=("control/high_prob_weight", "control/low_prob_weight"),
+        moving=("control/entropy_coef", "control/entropy_coef_applied"),
+        constant=("control/eps_low", "control/eps_high", "control/entropy_target"),
     ),
     # CE-GPPO (0, 1) until half-way, then (0.5, 1): k/T = 2/3 >= 0.5 at step 2.
     "beta_stages": dict(
         overrides=["objective=ce_gppo"],
-        exact={
-            "control/beta1": [0.0, 0.0, 0.5],
-            "control/beta2": [1.0, 1.0, 1.0],
-            "objective/beta1_in_force": [0.0, 0.0, 0.5],
-            "objective/beta2_in_force": [1.0, 1.0, 1.0],
-        },
-        moving=("control/beta1", "objective/beta1_in_force"),
-        constant=("control/eps_low", "control/eps_high") + IN_FORCE,
+        exact={"control/beta1": [0.0, 0.0, 0.5], "control/beta2": [1.0, 1.0, 1.0]},
+        moving=("control/beta1",),
+        constant=("control/eps_low", "control/eps_high"),
+        absent=IN_FORCE + ("objective/beta1_in_force", "objective/beta2_in_force"),
     ),
     # The README's custom schedule: symmetric clip for warmup_steps rollouts, then 0.28.
     "warmup_clip_higher": dict(
         overrides=["scheduler.warmup_steps=1"],
-        exact={
-            "control/eps_high": [0.2, 0.28, 0.28],
-            "objective/eps_high_in_force": [0.2, 0.28, 0.28],
-            "control/warmup": [1.0, 0.0, 0.0],
-        },
-        moving=("control/eps_high", "objective/eps_high_in_force"),
-        constant=("control/eps_low", "objective/eps_low_in_force"),
+        exact={"control/eps_high": [0.2, 0.28, 0.28], "control/warmup": [1.0, 0.0, 0.0]},
+        moving=("control/eps_high",),
+        constant=("control/eps_low",),
+        absent=UNUSED,
     ),
 }
 
@@ -191,6 +187,8 @@ def test_schedule_moves_the_thresholds_in_force(scheduler: str, tmp_path: Path) 
     for tag in spec["constant"]:
         logged = values(scalars, tag)
         assert max(logged) - min(logged) < 1e-7, f"{scheduler}: {tag} moved: {logged}"
+    for tag in spec.get("absent", ()):
+        assert tag not in scalars, f"{scheduler}: {tag} is logged: {scalars[tag]}"
     # The bound in force is a mix of the plain epsilon and the shaped one, within their range.
     for tag in IN_FORCE:
         if tag in scalars:
@@ -236,8 +234,9 @@ def test_schedule_sets_the_bounds_the_objective_uses(tmp_path: Path) -> None:
         "reward.random_reward_probability=0.5",
     )
     assert values(scalars, "control/eps_low") == pytest.approx(eps_low, rel=1e-6)
-    assert values(scalars, "objective/eps_low_in_force") == pytest.approx(eps_low, rel=1e-5)
-    assert values(scalars, "objective/eps_high_in_force") == pytest.approx(eps_high, rel=1e-5)
+    assert values(scalars, "control/eps_high") == pytest.approx(eps_high, rel=1e-6)
+    # Plain bounds: the objective's bounds in force are these, so their tags are not logged.
+    assert not set(IN_FORCE) & set(scalars)
 
     advantage = values(scalars, "reward/advantage_abs_mean")
     clipped = [

@@ -81,7 +81,7 @@ def test_multirun_sweeps_two_objectives(tmp_path: Path) -> None:
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["0_grpo", "1_dapo"]
+    assert runs == ["0_grpo_constant", "1_dapo_constant"]  # <job>_<objective>_<schedule>
     for name in runs:
         assert "reward/mean" in read_scalars(sweep / name)
 

@@ -194,7 +194,7 @@ def test_training_logs_the_example_functions_rewards(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(example, "length_penalty_reward", length_penalty_reward)
     # The same override a user types after `python -m rlvr_lightning.train`.
-    overrides = [f"reward.function={EXAMPLE}", "objective=grpo", "logging.num_samples=8"]
+    overrides = [f"reward.function={EXAMPLE}", "objective=grpo", "logging.num_groups=2"]
     run(compose_config(TINY_OVERRIDES + overrides), run_dir=tmp_path / "run")
 
     # Validation (32 completions: 8 problems x 4 samples) at steps 0 and 2, training (8: 2 prompts

@@ -11,12 +11,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from rlvr_lightning.advantages import constant_groups, group_advantages, overlong_penalty
+from rlvr_lightning.advantages import compute_advantages, constant_groups, overlong_penalty
 from rlvr_lightning.data.prompts import DEFAULT_INSTRUCTION, build_prompt
 from rlvr_lightning.rollout.engine import SamplingParams
 from rlvr_lightning.rollout.types import Rollout, merge_rollouts
@@ -37,7 +37,8 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 @dataclass
 class CollectorSettings:
     """The ``rollout``, ``prompt`` and ``sampling`` keys the collector reads, and the advantage
-    estimator's name (``advantage.name``). Defaults: the shipped configs' (``sampling/plain.yaml``)."""
+    estimator's name (``advantage.name``) and options (the advantage block's other keys).
+    Defaults: the shipped configs' (``sampling/plain.yaml``)."""
 
     group_size: int = 8
     prompts_per_step: int = 8  # over all ranks; each rank collects its share
@@ -50,10 +51,13 @@ class CollectorSettings:
     instruction: str = DEFAULT_INSTRUCTION
     system_prompt: str | None = None
     advantage: str = "grpo"
+    advantage_options: dict[str, Any] = field(default_factory=dict)  # e.g. pass_at_k's k, grpo's scale_rewards
     dynamic: bool = False  # DAPO dynamic sampling
     max_generation_batches: int = 4
     overlong_buffer_tokens: int = 0
     overlong_filter: bool = False
+    # Training rollouts ask the engine for the sampled tokens' log-probs (the rollout correction).
+    rollout_logprobs: bool = False
 
     @classmethod
     def from_config(cls, *blocks: dict[str, Any]) -> CollectorSettings:
@@ -62,7 +66,9 @@ class CollectorSettings:
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for block in blocks for key, value in block.items() if key in names})
 
-    def sampling(self, greedy: bool = False, temperature: float | None = None) -> SamplingParams:
+    def sampling(
+        self, greedy: bool = False, temperature: float | None = None, logprobs: bool = False
+    ) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature if temperature is None else temperature,
@@ -70,6 +76,7 @@ class CollectorSettings:
             greedy=greedy,
             ignore_eos=self.ignore_eos,
             max_prompt_tokens=self.max_prompt_tokens,
+            logprobs=logprobs,
         )
 
 
@@ -84,15 +91,18 @@ class RolloutCollector:
         self.generate = generate
         self.settings = settings
         self.overlong_prompts_seen = 0
+        # Sum over data-parallel ranks (the module sets it): batch statistics of the advantage.
+        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda values: values
 
     def prompts(self, rows: list[dict[str, Any]]) -> list[str]:
         s = self.settings
         return [build_prompt(self.tokenizer, row["question"], s.instruction, s.system_prompt) for row in rows]
 
     def sample(
-        self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False, temperature: float | None = None
+        self, rows: list[dict[str, Any]], group_size: int, greedy: bool = False, temperature: float | None = None,
+        logprobs: bool = False,
     ) -> Rollout:
-        return self.generate(self.prompts(rows), group_size, self.settings.sampling(greedy, temperature))
+        return self.generate(self.prompts(rows), group_size, self.settings.sampling(greedy, temperature, logprobs))
 
     def limit_prompt_length(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, float]]:
         """Apply ``rollout.max_prompt_tokens`` to a step's rows: with ``overlong_prompts=drop``
@@ -137,7 +147,7 @@ class RolloutCollector:
         group_size, prompts_per_step = s.group_size, s.prompts_per_step // max(ranks, 1)
         max_batches = s.max_generation_batches if s.dynamic else 1
         kept: list[Rollout] = []
-        kept_groups, seen_groups, dropped_groups, gen_batches = 0, 0, 0, 0
+        kept_groups, seen_groups, zero_variance_groups, gen_batches = 0, 0, 0, 0
         all_rewards, all_correct, failures, timeouts = [], [], 0.0, 0.0
         all_lengths, all_truncated = [], []
         for gen_batch in range(max_batches):
@@ -146,7 +156,7 @@ class RolloutCollector:
                 break
             gen_batches += 1
             with timed(timings, "generate"):
-                rollout = self.sample(chunk, group_size)
+                rollout = self.sample(chunk, group_size, logprobs=s.rollout_logprobs)
             with timed(timings, "reward"):
                 scores = self.score(rollout, [row["answer"] for row in chunk for _ in range(group_size)])
             rewards = scores["rewards"]
@@ -163,9 +173,10 @@ class RolloutCollector:
             rollout.data["rewards"] = rewards
             rollout.data["correct"] = scores["correct"]
             seen_groups += len(chunk)
+            constant = constant_groups(rewards, group_size)  # zero variance: every advantage is 0
+            zero_variance_groups += int(constant.sum())
             if s.dynamic:
-                keep_group = ~constant_groups(rewards, group_size)
-                dropped_groups += int((~keep_group).sum())
+                keep_group = ~constant
                 keep_rows = keep_group.repeat_interleave(group_size).nonzero().squeeze(-1)
                 if keep_rows.numel():
                     kept.append(rollout.select(keep_rows.to(rollout.input_ids.device)))
@@ -182,7 +193,9 @@ class RolloutCollector:
         merged = merge_rollouts(kept, self.tokenizer.pad_token_id)
         if s.dynamic and len(merged) > prompts_per_step * group_size:
             merged = merged.select(torch.arange(prompts_per_step * group_size, device=merged.input_ids.device))
-        advantages = group_advantages(merged.data["rewards"], group_size, s.advantage)
+        advantages, advantage_metrics = compute_advantages(
+            merged.data["rewards"], group_size, s.advantage, s.advantage_options, self.reduce_sum
+        )
         merged.data["advantages"] = advantages
         loss_mask = merged.response_mask.clone()
         if s.overlong_filter:
@@ -191,18 +204,25 @@ class RolloutCollector:
 
         rewards_seen = torch.cat(all_rewards)
         lengths = torch.cat(all_lengths).float()
+        trained = merged.data["rewards"]
         metrics = {
-            "reward/mean": float(merged.data["rewards"].mean()),
+            "reward/mean": float(trained.mean()),
             "reward/accuracy": float(torch.cat(all_correct).float().mean()),
-            "reward/mean_all_generated": float(rewards_seen.mean()),
+            "reward/std": float(trained.std(correction=0)),  # spread of the trained batch (population std)
+            # Of every group generated this step: dynamic sampling drops exactly these.
+            "reward/zero_variance_group_fraction": zero_variance_groups / max(seen_groups, 1),
             "reward/verifier_failures": failures,
             "reward/verifier_timeouts": timeouts,
             "reward/advantage_abs_mean": float(advantages.abs().mean()),
+            **advantage_metrics,
             "length/response_mean": float(lengths.mean()),
             "length/response_max": float(lengths.max()),
             "length/truncated_fraction": float(torch.cat(all_truncated).float().mean()),
-            "sampling/generation_batches": float(gen_batches),
-            "sampling/dropped_group_fraction": dropped_groups / max(seen_groups, 1),
             "sampling/num_sequences": float(len(merged)),
         }
+        if s.dynamic or s.overlong_buffer_tokens > 0:
+            # Before filtering and shaping; without either it is reward/mean again.
+            metrics["reward/mean_all_generated"] = float(rewards_seen.mean())
+        if s.dynamic:
+            metrics["sampling/generation_batches"] = float(gen_batches)
         return merged, metrics

@@ -22,12 +22,16 @@ class StepInfo:
 
     step: int  # rollouts completed before this one (0 for the first)
     total_steps: int  # trainer.max_steps (number of rollouts in the run)
-    rollout_entropy: float  # token-mean entropy of this rollout under pi_old (pre-update pass)
+    rollout_entropy: float  # token-mean entropy of this rollout under pi_old (pre-update pass), all ranks
     reward_mean: float  # mean reward of this rollout
 
 
 class ControlCallback(pl.Callback):
     """Base class for schedules. Subclasses implement ``update``."""
+
+    # Whether the schedule acts through clipping (clip bounds, CE-GPPO betas), which does nothing
+    # with one optimizer step per rollout (the module warns then); False for coefficient schedules.
+    relies_on_clipping: bool = True
 
     def update(self, control: ControlState, info: StepInfo) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -42,7 +46,7 @@ def control_callbacks(trainer: pl.Trainer) -> list[ControlCallback]:
 
 
 class ConstantSchedule(ControlCallback):
-    """Keeps the thresholds the objective config set; records the phase for the logs."""
+    """Keeps the thresholds the objective config set (it has no state to log)."""
 
     def update(self, control: ControlState, info: StepInfo) -> None:
-        control.info["schedule_phase"] = 0.0
+        pass

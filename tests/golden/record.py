@@ -50,6 +50,8 @@ SCHEDULES = {
     "decrease_increase_decrease": [], "oscillatory": ["scheduler.initial_state=boost"],
     "target_entropy": [], "beta_stages": ["objective=ce_gppo"],
     "warmup_clip_higher": ["scheduler.warmup_steps=1"],
+    # A target above the tiny model's entropy, so the gate opens and the bonus is trained on.
+    "adaptive_entropy": ["scheduler.relative_to_initial=true", "scheduler.target_entropy=2.0"],
 }
 DEFAULT_MODEL = [
     "trainer.max_steps=2",
