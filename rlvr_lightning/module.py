@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from rlvr_lightning.dashboard import UsedControls
 from rlvr_lightning.metrics import peak_memory_gib
 from rlvr_lightning.models import enable_activation_checkpointing, load_model_and_tokenizer
 from rlvr_lightning.objectives import ObjectiveParams, get_objective
-from rlvr_lightning.objectives.correction import CorrectionSettings
+from rlvr_lightning.objectives.correction import CorrectionSettings, check_engine
 from rlvr_lightning.optim import build_optimizer
 from rlvr_lightning.resume import schedule_state_keys
 from rlvr_lightning.rewards import RewardFunction
@@ -43,10 +44,10 @@ from rlvr_lightning.rollout import (
     RolloutEngine,
     SamplingParams,
     build_engine,
-    engine_class,
 )
 from rlvr_lightning.rollout.collector import CollectorSettings, RolloutCollector, timed
 from rlvr_lightning.schedulers.base import ConstantSchedule, StepInfo, control_callbacks
+from rlvr_lightning.stability import exploding_stop_message, nonfinite_stop_message
 from rlvr_lightning.update import ParallelHooks, PolicyUpdater, UpdateSettings
 from rlvr_lightning.validation import HeldOutMetrics
 
@@ -103,12 +104,7 @@ class RLVRModule(pl.LightningModule):
         )
         self.reward_fn = RewardFunction(**reward)
         self.engine_options = dict(self.rollout_cfg.get("engine") or {"name": "shared_prefix"})
-        engine_cls = engine_class(str(self.engine_options.get("name", "shared_prefix")))
-        if self.correction.needs_rollout_logprobs and not engine_cls.returns_logprobs:
-            raise ValueError(
-                f"correction.mode={self.correction.mode} needs the sampled tokens' log-probs, which "
-                f"rollout/engine={self.engine_options.get('name')} does not return: use shared_prefix, static or vllm"
-            )
+        check_engine(self.correction, str(self.engine_options.get("name", "shared_prefix")))
         self.engine: RolloutEngine | None = None  # built on first use, closed at teardown
         self.collector = RolloutCollector(
             self.tokenizer, self.reward_fn, self._generate,
@@ -323,7 +319,6 @@ class RLVRModule(pl.LightningModule):
         self.last_rollout = rollout
         self._advance_step_counter()
         self._stop_if_nonfinite(step)
-        self._stop_if_exploding(step)
 
     def _log_at_step(self, metrics: dict[str, float], step: int) -> None:
         """Write scalars at x = ``step`` (rollouts completed before them): Lightning's own logging
@@ -350,47 +345,21 @@ class RLVRModule(pl.LightningModule):
         self._advance_step_counter()
 
     def _stop_if_nonfinite(self, step: int) -> None:
-        """After ``optim.max_consecutive_nonfinite_updates`` skipped NaN/Inf updates in a row,
-        save ``checkpoints/nonfinite_stop.ckpt`` (the weights are those before the bad updates,
-        which changed nothing) and stop the run with an error that says what to try."""
-        limit = self.updater.settings.max_consecutive_nonfinite_updates
-        if limit <= 0 or self.updater.consecutive_nonfinite_updates < limit:
+        """After ``optim.max_consecutive_nonfinite_updates`` skipped NaN/Inf updates in a row, or
+        an update not taken because it would have blown up the weights
+        (``stability.explosion_reason``), save the state before them and stop the run."""
+        updater, limit = self.updater, self.updater.settings.max_consecutive_nonfinite_updates
+        if 0 < limit <= updater.consecutive_nonfinite_updates:
+            name, message = "nonfinite_stop.ckpt", partial(
+                nonfinite_stop_message, step, updater.consecutive_nonfinite_updates, limit)
+        elif updater.exploding_update is not None:
+            name, message = "exploding_update_stop.ckpt", partial(exploding_stop_message, step, updater.exploding_update)
+        else:
             return
         callback = self.trainer.checkpoint_callback
         folder = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
-        path = folder / "nonfinite_stop.ckpt"
-        self.trainer.save_checkpoint(path)  # atomic: the trainer's checkpoint I/O (train.build)
-        raise RuntimeError(
-            f"training stopped at step {step}: {self.updater.consecutive_nonfinite_updates} optimizer updates "
-            f"in a row had a NaN/Inf loss or gradient and were skipped "
-            f"(optim.max_consecutive_nonfinite_updates={limit}). {path} holds the state before "
-            f"them: the skipped updates changed nothing, so the weights and optimizer moments are "
-            f"those the last update taken left (if the loss or optim/grad_norm was already climbing "
-            f"before, resume from an earlier step_*.ckpt instead). Try a lower optim.lr or "
-            f"optim.max_grad_norm, check the data and rewards of the last steps "
-            f"(optim/skipped_nonfinite_updates in TensorBoard), then resume with ckpt_path={path} "
-            f"(a changed optim.lr takes effect on resume)"
-        )
-
-    def _stop_if_exploding(self, step: int) -> None:
-        """After an update that was not taken because it would have blown up the weights
-        (``stability.explosion_reason``), save ``checkpoints/exploding_update_stop.ckpt``, the
-        state before that update, and stop the run with an error that says what to try."""
-        what = self.updater.exploding_update
-        if what is None:
-            return
-        callback = self.trainer.checkpoint_callback
-        folder = Path(getattr(callback, "dirpath", None) or Path(self.trainer.default_root_dir) / "checkpoints")
-        path = folder / "exploding_update_stop.ckpt"
-        self.trainer.save_checkpoint(path)  # atomic: the trainer's checkpoint I/O (train.build)
-        raise RuntimeError(
-            f"training stopped at step {step}: {what}. That update and the rest of the step were "
-            f"not taken, so {path} holds the state before it: the weights and optimizer moments "
-            f"as the last update taken left them, and the step counter at {step + 1}. Lower "
-            f"optim.lr, or loosen the bound if it is too tight for this "
-            f"model (optim.stop_update_ratio, optim.stop_grad_norm, optim.stop_loss; null turns "
-            f"one off), then resume with ckpt_path={path} (a changed optim.lr takes effect on resume)"
-        )
+        self.trainer.save_checkpoint(folder / name)  # atomic: the trainer's checkpoint I/O (train.build)
+        raise RuntimeError(message(folder / name))
 
     # ------------------------------------------------------------------ validation
 

@@ -110,6 +110,33 @@ def update_ratio(
     return math.sqrt(float(squares.sum())) / weights
 
 
+def nonfinite_stop_message(step: int, count: int, limit: int, path: object) -> str:
+    """Why the run stopped after ``count`` NaN/Inf updates in a row, what ``path`` holds, what to try."""
+    return (
+        f"training stopped at step {step}: {count} optimizer updates "
+        f"in a row had a NaN/Inf loss or gradient and were skipped "
+        f"(optim.max_consecutive_nonfinite_updates={limit}). {path} holds the state before "
+        f"them: the skipped updates changed nothing, so the weights and optimizer moments are "
+        f"those the last update taken left (if the loss or optim/grad_norm was already climbing "
+        f"before, resume from an earlier step_*.ckpt instead). Try a lower optim.lr or "
+        f"optim.max_grad_norm, check the data and rewards of the last steps "
+        f"(optim/skipped_nonfinite_updates in TensorBoard), then resume with ckpt_path={path} "
+        f"(a changed optim.lr takes effect on resume)"
+    )
+
+
+def exploding_stop_message(step: int, what: str, path: object) -> str:
+    """Why the run stopped before an exploding update (``what``), what ``path`` holds, what to try."""
+    return (
+        f"training stopped at step {step}: {what}. That update and the rest of the step were "
+        f"not taken, so {path} holds the state before it: the weights and optimizer moments "
+        f"as the last update taken left them, and the step counter at {step + 1}. Lower "
+        f"optim.lr, or loosen the bound if it is too tight for this "
+        f"model (optim.stop_update_ratio, optim.stop_grad_norm, optim.stop_loss; null turns "
+        f"one off), then resume with ckpt_path={path} (a changed optim.lr takes effect on resume)"
+    )
+
+
 def explosion_reason(
     loss: float,
     grad_norm: float,

@@ -88,6 +88,17 @@ class CorrectionSettings:
         return self.geo_low is not None
 
 
+def check_engine(settings: CorrectionSettings, engine: str) -> None:
+    """Refuse a mode that needs the sampled tokens' log-probs with an engine that returns none."""
+    from rlvr_lightning.rollout import engine_class  # the rollout package imports objectives
+
+    if settings.needs_rollout_logprobs and not engine_class(engine).returns_logprobs:
+        raise ValueError(
+            f"correction.mode={settings.mode} needs the sampled tokens' log-probs, which "
+            f"rollout/engine={engine} does not return: use shared_prefix, static or vllm"
+        )
+
+
 def check_settings(settings: CorrectionSettings) -> None:
     """ValueError naming the field, its value and the allowed range."""
     if settings.mode not in MODES:
