@@ -198,6 +198,32 @@ def _hide_float_noise(ax: plt.Axes) -> None:
         ax.set_ylim(centre - margin, centre + margin)
 
 
+def style_panel(ax: plt.Axes, lowest_in_column: bool) -> None:
+    """What every panel shares: whole-number steps, no axis offset, a light grid, and the x label
+    under the lowest panel of each column."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if lowest_in_column:
+        ax.set_xlabel("step (rollouts completed)", fontsize=9)
+
+
+def figure_legend(figure: plt.Figure, handles: dict[str, object]) -> None:
+    """One legend for the figure (a colour per run), below the panels: bbox_inches="tight" grows
+    the image to hold it."""
+    if handles:
+        figure.legend(
+            list(handles.values()),
+            list(handles),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=min(len(handles), 4),
+            fontsize=9,
+            frameon=False,
+        )
+
+
 def _panel_unit(tags: Sequence[str]) -> str:
     units = list(dict.fromkeys(unit_of(tag) for tag in tags if unit_of(tag)))
     return " / ".join(units)
@@ -275,29 +301,13 @@ def plot_runs(
             ax.legend(fontsize=7, loc="best")
         ax.set_title(", ".join(panel_tags) if overlay else panel_tags[0], fontsize=10 if not overlay else 9)
         ax.set_ylabel(_panel_unit(panel_tags), fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        if index + columns >= len(panels):  # the lowest subplot of its column
-            ax.set_xlabel("step (rollouts completed)", fontsize=9)
+        style_panel(ax, lowest_in_column=index + columns >= len(panels))
     for index in range(len(panels), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    # One colour per run across the single-tag subplots: one legend for the figure, below the
-    # subplots (bbox_inches="tight" grows the image to hold it).
-    if handles:
-        figure.legend(
-            list(handles.values()),
-            list(handles),
-            loc="upper center",
-            bbox_to_anchor=(0.5, 0.0),
-            ncol=min(len(handles), 4),
-            fontsize=9,
-            frameon=False,
-        )
+    figure_legend(figure, handles)  # one colour per run across the single-tag subplots
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120, bbox_inches="tight")

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # run as a script: make `tools` and `rlvr_lightni
     sys.path.insert(0, str(REPO))
 
 from tools.compare_schedules import compose, format_cell, last_value, mean_value  # noqa: E402
-from tools.plot_run import LINE_STYLES, _hide_float_noise, read_scalars  # noqa: E402
+from tools.plot_run import LINE_STYLES, _hide_float_noise, figure_legend, read_scalars, style_panel  # noqa: E402
 
 RECIPES = REPO / "rlvr_lightning" / "conf" / "experiment"
 BASE = "_base.yaml"  # a recipe's shared settings; files starting with "_" are not arms
@@ -174,7 +174,6 @@ def plot_arms(
     """One subplot per tag; per arm the mean over seeds at every step all its seeds logged, and a
     band from the minimum to the maximum over seeds."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     scalars = {
         arm: [read_scalars(d) for d in run_dirs.values()] for arm, run_dirs in by_arm.items()
@@ -212,25 +211,12 @@ def plot_arms(
         else:
             _hide_float_noise(ax)
         ax.set_title(tag, fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        if index + columns >= len(tags):  # the lowest subplot of its column
-            ax.set_xlabel("step (rollouts completed)", fontsize=9)
+        style_panel(ax, lowest_in_column=index + columns >= len(tags))
     for index in range(len(tags), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.legend(
-        list(handles.values()),
-        list(handles),
-        loc="upper center",
-        bbox_to_anchor=(0.5, 0.0),
-        ncol=min(len(handles), 4) or 1,
-        fontsize=9,
-        frameon=False,
-    )
+    figure_legend(figure, handles)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(figure)
