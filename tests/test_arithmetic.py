@@ -197,3 +197,25 @@ def test_build_prompt_without_chat_template():
     assert (
         build_prompt(tokenizer, "Q?", "I.", system_prompt="S.") == "S.\n\nQuestion: Q?\nI.\nAnswer:"
     )
+
+
+def test_multiplication_data_config_composes_to_one_digit_multiplication():
+    """``data=arithmetic_multiplication``: arithmetic.yaml's keys with ``operations: ["*"]``."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    data = compose_config(["data=arithmetic_multiplication"]).data
+    base = compose_config(["data=arithmetic"]).data
+    assert {key: data[key] for key in data if key != "operations"} == {
+        key: base[key] for key in base if key != "operations"
+    }
+    module = instantiate(data)
+    module.setup()
+    assert len(module.val_rows) == 50 and len(module.train_rows) == 5000
+    val_questions = {row["question"] for row in module.val_rows}
+    assert not val_questions & {row["question"] for row in module.train_rows}
+    for row in module.train_rows[:500] + module.val_rows:
+        assert operators(row) == ["*"]
+        assert all(0 <= value <= 9 for value in operands(row))
+        assert int(row["answer"]) == reference_value(row)

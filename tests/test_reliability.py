@@ -224,6 +224,9 @@ def test_shipped_configs_are_valid() -> None:
     for group in ("objective", "scheduler"):
         for path in sorted((REPO / "rlvr_lightning" / "conf" / group).glob("*.yaml")):
             validate_config(compose_config(TINY_OVERRIDES + [f"{group}={path.stem}"]))
+    # The built-in arithmetic data configs (the file-backed ones need a path or the network).
+    for path in sorted((REPO / "rlvr_lightning" / "conf" / "data").glob("arithmetic*.yaml")):
+        validate_config(compose_config(TINY_OVERRIDES + [f"data={path.stem}"]))
 
 
 def test_invalid_config_fails_before_the_model_loads(tmp_path: Path, monkeypatch) -> None:

@@ -427,6 +427,9 @@ def test_controller_relative_target_and_callable_target():
     function.update(control, step(4, 8, 1.0))
     assert control.info["target_entropy"] == pytest.approx(2.5)
     assert control.info["entropy_error"] == pytest.approx(1.5)
+    assert control.info["tracking_error"] == pytest.approx(1.5 / 2.5)  # |H - target| / target
+    function.update(control, step(8, 8, 4.0))  # target 2.0, entropy too high by 2 nats
+    assert control.info["tracking_error"] == pytest.approx(1.0)
 
 
 def test_controller_rejects_initial_values_outside_the_bounds():

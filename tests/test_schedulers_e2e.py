@@ -118,7 +118,9 @@ SPECS: dict[str, dict] = {
     "target_entropy": dict(
         overrides=[],
         exact={"control/eps_high": [0.2, 0.18, 0.16], "control/eps_low": [0.2, 0.22, 0.24]},
-        moving=("control/eps_low", "control/eps_high", "control/target_entropy"),
+        # tracking_error = |H - target| / target: 0 at step 0 (target = H_init), then not.
+        moving=("control/eps_low", "control/eps_high", "control/target_entropy",
+                "control/tracking_error"),
         constant=(),
         absent=UNUSED,
     ),

@@ -529,8 +529,10 @@ class TargetEntropy(ControlCallback):
     them; or ``target_fn(step, total_steps) -> float`` in Python, which overrides ``curve``.
     With ``relative_to_initial`` every target is multiplied by the first rollout's entropy.
 
-    Logs ``target_entropy``, ``entropy_error``, ``controller_integral``, ``controller_output``
-    (the ``u`` applied) and ``controller_saturated`` (1 when integration was held). The
+    Logs ``target_entropy``, ``entropy_error``, ``tracking_error`` (``|H_k - target(k)| /
+    target(k)``, the relative tracking error; the absolute one when the target is 0),
+    ``controller_integral``, ``controller_output`` (the ``u`` applied) and
+    ``controller_saturated`` (1 when integration was held). The
     integral, the initial actuator values, the last outputs and ``H_init`` are checkpointed.
 
     Args:
@@ -784,6 +786,8 @@ class TargetEntropy(ControlCallback):
         self.last_output = output
         control.info["target_entropy"] = target
         control.info["entropy_error"] = error
+        # Relative tracking error |H - target| / target (the absolute error when the target is 0).
+        control.info["tracking_error"] = abs(error) / abs(target) if target != 0.0 else abs(error)
         control.info["controller_integral"] = integral
         control.info["controller_output"] = output
         control.info["controller_saturated"] = float(saturated)
