@@ -239,6 +239,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Largest of ``values`` where ``mask`` is true (0 when none is). Used for metrics."""
+    return values[mask].max() if mask.any() else values.new_zeros(())
+
+
 def log_ratio(batch: PolicyBatch) -> torch.Tensor:
     """``logp - logp_old`` clamped to [-20, 20] before any ``exp`` (section 1)."""
     return (batch.logp - batch.old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)

@@ -22,6 +22,7 @@ from rlvr_lightning.objectives.base import (
     ObjectiveTerms,
     PolicyBatch,
     log_ratio,
+    masked_max,
     masked_mean,
     register_objective,
 )
@@ -113,7 +114,7 @@ def dppo_terms(batch: PolicyBatch, settings: DppoSettings) -> ObjectiveTerms:
     valid = mask.bool()
     # The metric reports the divergence itself: |p - p_mu| for TV, D for KL.
     size = divergence.abs() if settings.variant == "tv" else divergence
-    ratio_max = ratio.detach()[valid].max() if valid.any() else ratio.new_zeros(())
+    ratio_max = masked_max(ratio.detach(), valid)
     metrics = {
         "dppo_masked_high_fraction": masked_mean(masked_high.float(), mask),
         "dppo_masked_low_fraction": masked_mean(masked_low.float(), mask),

@@ -15,6 +15,7 @@ from rlvr_lightning.objectives.base import (
     ObjectiveTerms,
     PolicyBatch,
     log_ratio,
+    masked_max,
     masked_mean,
     register_objective,
 )
@@ -59,11 +60,7 @@ def gmpo(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> 
     token_factor = (clipped_ell - clipped_ell.detach()).exp()
     per_token = -(sequence_advantage * sequence_ratio).unsqueeze(-1) * token_factor
 
-    ratio_max = (
-        sequence_ratio[valid_sequences].max()
-        if valid_sequences.any()
-        else sequence_ratio.new_zeros(())
-    )
+    ratio_max = masked_max(sequence_ratio, valid_sequences)
     metrics = {
         "clip_low_fraction": masked_mean(clip_low.float(), mask),
         "clip_high_fraction": masked_mean(clip_high.float(), mask),

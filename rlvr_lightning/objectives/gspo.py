@@ -14,6 +14,7 @@ from rlvr_lightning.objectives.base import (
     ObjectiveTerms,
     PolicyBatch,
     log_ratio,
+    masked_max,
     masked_mean,
     register_objective,
 )
@@ -56,11 +57,7 @@ def gspo(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> 
     sequence_advantage = (advantages * mask).sum(-1) / lengths.clamp_min(1.0)
     low = (sequence_advantage < 0) & (sequence_ratio < lower)
     high = (sequence_advantage > 0) & (sequence_ratio > upper)
-    ratio_max = (
-        sequence_ratio[valid_sequences].max()
-        if valid_sequences.any()
-        else sequence_ratio.new_zeros(())
-    )
+    ratio_max = masked_max(sequence_ratio, valid_sequences)
     metrics = {
         "sequence_clip_low_fraction": masked_mean(low.float(), valid_sequences),
         "sequence_clip_high_fraction": masked_mean(high.float(), valid_sequences),

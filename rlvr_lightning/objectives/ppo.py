@@ -15,6 +15,7 @@ from rlvr_lightning.objectives.base import (
     ObjectiveTerms,
     PolicyBatch,
     log_ratio,
+    masked_max,
     masked_mean,
     register_objective,
 )
@@ -39,7 +40,7 @@ def ratio_metrics(
     """Metrics every ratio-based objective logs (section 5)."""
     mask = batch.mask
     valid = mask.bool()
-    ratio_max = ratio.detach()[valid].max() if valid.any() else ratio.new_zeros(())
+    ratio_max = masked_max(ratio.detach(), valid)
     return {
         "ratio_mean": masked_mean(ratio.detach(), mask),
         "ratio_max": ratio_max,

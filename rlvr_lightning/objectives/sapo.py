@@ -13,6 +13,7 @@ from rlvr_lightning.objectives.base import (
     ObjectiveTerms,
     PolicyBatch,
     log_ratio,
+    masked_max,
     masked_mean,
     register_objective,
 )
@@ -58,7 +59,7 @@ def sapo(batch: PolicyBatch, control: ControlState, params: ObjectiveParams) -> 
     valid = mask.bool()
     gate = (4.0 * sigmoid * (1.0 - sigmoid)).detach()  # sech^2(tau (r - 1) / 2)
     weight = ratio.detach() * gate
-    ratio_max = ratio.detach()[valid].max() if valid.any() else ratio.new_zeros(())
+    ratio_max = masked_max(ratio.detach(), valid)
     metrics = {
         "sapo_weight_mean_pos": masked_mean(weight, valid & (advantages > 0)),
         "sapo_weight_mean_neg": masked_mean(weight, valid & (advantages < 0)),
