@@ -19,6 +19,8 @@ Each prompt is encoded once for its whole group (as in the shared-prefix engine)
 and values are copied into the group's rows. Sampling (``rollout.sampling.sample_next``) runs outside
 the graph on the logits the graph leaves in its output buffer, so the random stream is the one
 the other engines draw from. On CPUs, or with ``cuda_graphs=false``, the same step runs eagerly.
+Under DDP and FSDP (gathered weights) each rank runs its own engine on its policy's device, for
+its own prompts, with its own seed.
 """
 
 from __future__ import annotations
@@ -510,9 +512,13 @@ class StaticEngine(RolloutEngine):
                 "rollout/engine=static runs the whole model on each rank, and this FSDP run decodes in lock-step "
                 "with sharded weights: set trainer.strategy.gather_for_rollout=true or use rollout/engine=shared_prefix"
             )
-        return sample_static(
-            self.model, prompt_ids, prompt_mask, group_size, sampling.max_new_tokens, eos,
-            self.tokenizer.pad_token_id,
-            lambda logits: sample_next_with_logprobs(logits, sampling.temperature, sampling.top_p, sampling.greedy),
-            sampling.ignore_eos, self.cuda_graphs, self.compile_decoding, return_logprobs=True,
-        )
+        device = prompt_ids.device
+        # Each rank decodes on its policy's device (cuda:<local rank>): side streams and CUDA graphs
+        # are made on the current device, which is made that one whatever it was.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return sample_static(
+                self.model, prompt_ids, prompt_mask, group_size, sampling.max_new_tokens, eos,
+                self.tokenizer.pad_token_id,
+                lambda logits: sample_next_with_logprobs(logits, sampling.temperature, sampling.top_p, sampling.greedy),
+                sampling.ignore_eos, self.cuda_graphs, self.compile_decoding, return_logprobs=True,
+            )

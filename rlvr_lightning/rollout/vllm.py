@@ -11,16 +11,27 @@ the engine reproducible. When a rollout asks for the sampled tokens' log-probs (
 correction, ``SamplingParams.logprobs``), vLLM is started with ``logprobs_mode="processed_logprobs"``
 (after temperature and top-p, verl's setting) and each request asks for the sampled token's
 log-prob (``logprobs=0``); otherwise nothing of this is requested.
+
+Under ``trainer=ddp``/``fsdp``/``fsdp2`` every rank runs its own vLLM, colocated as TRL's
+GRPOTrainer does it (``vllm_mode="colocate"``): ``distributed_executor_backend="external_launcher"``
+on the trainer's process group, on the rank's device (``cuda:<index>`` of the policy; the CPU
+otherwise), generating for the rank's prompts with the rank's seeds. ``tensor_parallel_size=k``
+shards each vLLM over ``k`` consecutive ranks: the ranks of a group gather their requests (each
+with the seed its rank drew), all generate all of them identically (same requests, seeds and
+vLLM seed) and each keeps its own rows, so a rank's completions do not depend on ``k``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr_lightning.rollout.engine import RolloutEngine, SamplingParams, register_engine
@@ -39,12 +50,57 @@ def merged_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
             if bias is not None:
                 merged[f"{name}.bias"] = bias
     weights = []
-    for key, tensor in base.state_dict().items():
+    for key, tensor in _state_tensors(base):
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
         weights.append((key, merged.get(key, tensor).detach()))
     return weights
+
+
+def _state_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """What ``module.state_dict()`` holds (parameters and persistent buffers, by the same names),
+    read without its hooks: FSDP2's hook would return DTensor shards and reshard a model that
+    ``FSDP2Strategy.gathered`` holds whole for the rollout."""
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        prefix = f"{prefix}." if prefix else ""
+        for name, tensor in sub._parameters.items():
+            if tensor is not None:
+                yield prefix + name, tensor
+        for name, tensor in sub._buffers.items():
+            if tensor is not None and name not in sub._non_persistent_buffers_set:
+                yield prefix + name, tensor
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (0 and 1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside the block, restored after it."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def launcher_environment(rank: int, world: int, device: torch.device) -> dict[str, str]:
+    """What vLLM's ``external_launcher`` reads while it starts: the rank, the number of ranks and
+    the local rank, which is the index of the GPU it takes (the policy's; 0 on CPUs, the one device)."""
+    index = 0
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(index)}
 
 
 def _reload(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
@@ -58,9 +114,11 @@ class VLLMEngine(RolloutEngine):
     the policy's weights synced before every rollout. Options: ``gpu_memory_utilization`` (share
     of GPU memory vLLM takes; training shares the GPU), ``cpu_kv_cache_gib`` (on CPUs: vLLM's KV
     cache, unless VLLM_CPU_KVCACHE_SPACE is set), ``max_model_len`` (null: the model's
-    max_position_embeddings), ``enforce_eager`` (no CUDA graphs or compilation; starts faster)."""
+    max_position_embeddings), ``enforce_eager`` (no CUDA graphs or compilation; starts faster),
+    ``tensor_parallel_size`` (ranks that share one vLLM, sharded over them; 1: one vLLM per rank)."""
 
     returns_logprobs = True
+    tp_group: Any = None  # with tensor_parallel_size > 1: this rank's group (gloo), for its requests
 
     def __init__(
         self,
@@ -71,17 +129,34 @@ class VLLMEngine(RolloutEngine):
         cpu_kv_cache_gib: int = 2,
         max_model_len: int | None = None,
         enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
     ) -> None:
         super().__init__(model, tokenizer, pad_prompts_to_multiple_of)
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise ValueError(
+                f"rollout.engine.tensor_parallel_size={tensor_parallel_size!r} must be an integer >= 1 "
+                "(1: one vLLM per rank; k: one vLLM sharded over each k consecutive ranks)"
+            )
         self.options = dict(
             gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
-            max_model_len=max_model_len, enforce_eager=enforce_eager,
+            max_model_len=max_model_len, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
         )
         self.llm: Any = None
         self.folder: tempfile.TemporaryDirectory[str] | None = None
         self.processed_logprobs = False  # whether the running vLLM returns processed log-probs
 
-    def _start(self, dtype: torch.dtype, logprobs: bool = False) -> None:
+    def _start(self, dtype: torch.dtype, logprobs: bool = False, device: torch.device | None = None) -> None:
+        """Start vLLM; with several ranks, this rank's vLLM on ``device`` (every rank starts its
+        vLLM at the same time: vLLM makes process groups over all of them)."""
+        rank, world = _rank_and_world()
+        tp = self.options["tensor_parallel_size"]
+        if world % tp:
+            allowed = [str(k) for k in range(1, world + 1) if world % k == 0]
+            raise ValueError(
+                f"rollout.engine.tensor_parallel_size={tp} does not divide the {world} training process(es): "
+                f"each vLLM is sharded over that many ranks of this run; use {' or '.join(allowed)}"
+            )
         try:
             import vllm
         except ImportError as error:
@@ -101,17 +176,30 @@ class VLLMEngine(RolloutEngine):
         config.architectures = [type(base).__name__]  # what vLLM builds (a config made in memory names none)
         config.save_pretrained(self.folder.name)
         self.tokenizer.save_pretrained(self.folder.name)
-        self.llm = vllm.LLM(
-            model=self.folder.name,
-            dtype=str(dtype).removeprefix("torch."),
-            load_format="dummy",  # random weights; the policy's arrive by sync() before every use
-            max_model_len=options["max_model_len"] or getattr(base.config, "max_position_embeddings", None),
-            gpu_memory_utilization=options["gpu_memory_utilization"],
-            enforce_eager=options["enforce_eager"],
-            enable_prefix_caching=True,
-            seed=0,  # each request brings its own seed, drawn from torch's RNG when it is made
-            **extra,
-        )
+        colocated: dict[str, Any] = {}
+        environment: dict[str, str] = {}
+        if world > 1:  # one vLLM per rank (or per TP group) on the trainer's process group
+            colocated = {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tp}
+            environment = launcher_environment(rank, world, device or torch.device("cpu"))
+            if tp > 1:  # vLLM's TP groups: consecutive ranks
+                self.tp_group, _ = dist.new_subgroups_by_enumeration(
+                    [list(range(first, first + tp)) for first in range(0, world, tp)], backend="gloo"
+                )
+        with _environ(environment):
+            self.llm = vllm.LLM(
+                model=self.folder.name,
+                dtype=str(dtype).removeprefix("torch."),
+                load_format="dummy",  # random weights; the policy's arrive by sync() before every use
+                max_model_len=options["max_model_len"] or getattr(base.config, "max_position_embeddings", None),
+                gpu_memory_utilization=options["gpu_memory_utilization"],
+                enforce_eager=options["enforce_eager"],
+                enable_prefix_caching=True,
+                # Each request brings its own seed, drawn from torch's RNG when it is made; the ranks of
+                # a TP group share vLLM's seed (TRL's choice: rank // tensor_parallel_size).
+                seed=rank // tp,
+                **colocated,
+                **extra,
+            )
         self.processed_logprobs = logprobs
         self.sampling_params = vllm.SamplingParams
 
@@ -125,20 +213,12 @@ class VLLMEngine(RolloutEngine):
                 "rollout/engine=vllm runs the whole model on each rank, and this FSDP run decodes in lock-step "
                 "with sharded weights: set trainer.strategy.gather_for_rollout=true or use rollout/engine=shared_prefix"
             )
-        if device.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # vLLM's in-process engine puts itself on the first GPU whatever the rank (two CPU
-            # processes were tested: trainer=ddp).
-            raise ValueError(
-                "rollout/engine=vllm runs in one GPU process only (each rank's in-process vLLM would take the first "
-                "GPU): train on one GPU, or use rollout/engine=static with several"
-            )
         if self.llm is not None and sampling.logprobs and not self.processed_logprobs:
             self.close()  # started without processed log-probs: start again with them
         if self.llm is None:
             # vLLM seeds the global RNGs when it starts: keep ours as they were.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                self._start(compute_dtype(self.model, device), logprobs=sampling.logprobs)
+                self._start(compute_dtype(self.model, device), logprobs=sampling.logprobs, device=device)
         self.sync(self.model)
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
         rows, logprobs = self._generate(
@@ -162,7 +242,20 @@ class VLLMEngine(RolloutEngine):
             engine_core.shutdown()
         self.llm = None
         gc.collect()
-        cleanup_dist_env_and_memory()
+        if _rank_and_world()[1] == 1:
+            cleanup_dist_env_and_memory()
+        else:  # that would destroy the trainer's process group too: release only vLLM's groups
+            from vllm.distributed import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            if getattr(parallel_state, "_WORLD", None) is not None:
+                parallel_state._WORLD.destroy()
+                parallel_state._WORLD = None
+            if self.tp_group is not None:
+                dist.destroy_process_group(self.tp_group)
+                self.tp_group = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if self.folder is not None:
             self.folder.cleanup()
             self.folder = None
@@ -205,10 +298,20 @@ class VLLMEngine(RolloutEngine):
         # prompt group_size times.
         copies, n = (group_size, 1) if greedy else (1, group_size)
         requests = [{"prompt_token_ids": p} for p in prompts for _ in range(copies)]
-        params = [self.sampling_params(n=n, seed=int(torch.randint(0, 2**31 - 1, (1,))), **common) for _ in requests]
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,))) for _ in requests]
+        own, first = len(requests), 0
+        if self.tp_group is not None:
+            # One vLLM over the TP group: every rank of it generates the group's requests, each
+            # with the seed its rank drew, in rank order, and keeps its own.
+            shares: list[Any] = [None] * dist.get_world_size(self.tp_group)
+            dist.all_gather_object(shares, (requests, seeds), group=self.tp_group)
+            first = sum(len(share[0]) for share in shares[: dist.get_rank(self.tp_group)])
+            requests = [request for share in shares for request in share[0]]
+            seeds = [seed for share in shares for seed in share[1]]
+        params = [self.sampling_params(n=n, seed=seed, **common) for seed in seeds]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):  # whatever vLLM draws, the caller's stream is left alone
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False)[first : first + own]
         completions = [c for output in outputs for c in sorted(output.outputs, key=lambda c: c.index)]
         if len(completions) != len(prompts) * group_size:
             raise RuntimeError(
