@@ -31,6 +31,7 @@ from rlvr_lightning.objectives.correction import MODES as CORRECTION_MODES
 from rlvr_lightning.objectives.correction import WEIGHTING_MODES as CORRECTION_WEIGHTING_MODES
 from rlvr_lightning.objectives.correction import CorrectionSettings
 from rlvr_lightning.optim import LR_SCHEDULES
+from rlvr_lightning.precision import PRECISIONS
 from rlvr_lightning.rewards import ANSWER_MODES, METHODS, RewardFunction
 from rlvr_lightning.rollout import ENGINES, check_engine_options, engine_class
 from rlvr_lightning.rollout.engine import COMPILE_MODES
@@ -200,6 +201,12 @@ def validate_config(cfg: DictConfig) -> None:
             f"({group}._target_=package.module.Class)",
         )
     _validate_logger(cfg)
+    precision = _get(cfg, "trainer.precision", "32-true")  # null: Lightning's default (32-true)
+    _require(
+        precision is None or (str(precision) in PRECISIONS and not isinstance(precision, (bool, float))),
+        f"trainer.precision={precision!r} is unknown; available: {', '.join(PRECISIONS)} "
+        "(auto: bf16-mixed on a CPU with native bf16, avx512_bf16 or amx_bf16, else 32-true)",
+    )
     if _get(cfg, "trainer.max_steps", None) is None:
         raise ConfigError("trainer.max_steps is not set; set the number of rollouts, e.g. trainer.max_steps=10")
     _number(cfg, "trainer.max_steps", ">= 1", integer=True)

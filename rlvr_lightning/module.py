@@ -62,7 +62,8 @@ class RLVRModule(pl.LightningModule):
     ``sampling`` (``conf/sampling``: dynamic sampling, overlong shaping), ``advantage``
     (``conf/advantage``: the estimator's ``name`` and its options),
     ``validation`` (held-out sampling), ``correction`` (``conf/correction``: the rollout/training
-    mismatch correction, ``objectives/correction.py``).
+    mismatch correction, ``objectives/correction.py``). ``precision``: what ``trainer.precision``
+    resolved to and why (``precision.PrecisionChoice.record``), kept in the hyper-parameters.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class RLVRModule(pl.LightningModule):
         validation: dict[str, Any] | None = None,
         correction: dict[str, Any] | None = None,
         seed: int = 0,
+        precision: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

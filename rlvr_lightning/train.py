@@ -28,6 +28,7 @@ from rlvr_lightning.config import validate_config
 from rlvr_lightning.dashboard import run_hparams
 from rlvr_lightning.loggers import build_logger, finish_logger
 from rlvr_lightning.module import RLVRModule
+from rlvr_lightning.precision import resolve_precision
 from rlvr_lightning.preemption import PreemptionCallback
 from rlvr_lightning.preflight import (
     check_output_folders,
@@ -72,6 +73,8 @@ def build(
     generation_batches = int(sampling["max_generation_batches"]) if sampling["dynamic"] else 1
     datamodule = instantiate(cfg.data, generation_batches_per_step=generation_batches)
     datamodule.setup("fit")
+    # trainer.precision=auto: bf16-mixed on a CPU with native bf16, else 32-true (precision.py).
+    precision = resolve_precision(container["trainer"])
     module = RLVRModule(
         model=container["model"],
         objective=container["objective"],
@@ -84,6 +87,7 @@ def build(
         validation=container["validation"],
         correction=container.get("correction"),
         seed=int(cfg.seed),
+        precision=precision.record(),
     )
     every = int(cfg.checkpoint.every_n_steps)
     checkpoint = ModelCheckpoint(
@@ -101,7 +105,10 @@ def build(
         checkpoint,
         SampleLogger(logging["sample_every_n_steps"], logging["num_groups"]),
         # TensorBoard: custom-scalars layout, HParams summary, histograms (rlvr_lightning/dashboard.py).
-        DashboardLogger(logging["histogram_every_n_steps"], run_hparams(cfg, module.control)),
+        DashboardLogger(
+            logging["histogram_every_n_steps"],
+            {**run_hparams(cfg, module.control), "trainer.precision": str(precision.precision)},
+        ),
     ]
     # On SIGTERM/SIGINT: finish the step, save checkpoints/preempted.ckpt, print the resume
     # command, exit 143/130 (after ModelCheckpoint, so it saves the step's final state).
@@ -120,8 +127,10 @@ def build(
         logger=logger,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],  # checkpoints are written to a temporary file, then renamed
+        precision=precision.precision,
         **no_validation,
     )
+    say(trainer, f"precision: {precision.describe()}")
     return trainer, module, datamodule
 
 

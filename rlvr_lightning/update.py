@@ -39,6 +39,7 @@ from rlvr_lightning.objectives.entropy_mask import (
     top_entropy_mask,
 )
 from rlvr_lightning.packing import micro_batches
+from rlvr_lightning.precision import weights_cast_once
 from rlvr_lightning.rollout import Rollout
 from rlvr_lightning.stability import explosion_reason
 
@@ -179,7 +180,8 @@ class PolicyUpdater:
         was_training = model.training
         model.eval()
         batches = self.micro_batches(torch.arange(n // rollout.group_size), rollout)
-        with self.hooks.gathered(model) as gathered:
+        # (CPU bf16 autocast: the weights cast to bfloat16 once for the pass, not per micro-batch.)
+        with self.hooks.gathered(model) as gathered, weights_cast_once(model):
             if not gathered and distributed.needs_synced_forwards(model):  # FSDP: as many forwards on every rank
                 batches = [rows for rows, _ in distributed.equal_micro_batches(batches, device)]
             for rows in batches:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlvr_lightning.precision import weights_cast_once
 from rlvr_lightning.rollout.types import Rollout, eos_token_ids, response_mask_from_ids
 
 COMPILE_MODES = ("auto", "true", "false")  # compile the decoding step: on CUDA only | always | never
@@ -66,6 +68,9 @@ class RolloutEngine:
     encodes_each_row: bool = False
     # Whether response_ids can return the drawn tokens' log-probs (SamplingParams.logprobs).
     returns_logprobs: bool = False
+    # Whether decoding calls the model's own linear layers, whose weights are then cast once per
+    # rollout under CPU bf16 autocast (trainer.precision=bf16-mixed; precision.weights_cast_once).
+    casts_weights_once: bool = False
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pad_prompts_to_multiple_of: int | None = None
@@ -118,7 +123,8 @@ class RolloutEngine:
         model.eval()
         eos = eos_token_ids(model, tokenizer)
         prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]
-        drawn = self.response_ids(prompt_ids, prompt_mask, group_size, sampling, eos, lockstep)
+        with weights_cast_once(model) if self.casts_weights_once else nullcontext():
+            drawn = self.response_ids(prompt_ids, prompt_mask, group_size, sampling, eos, lockstep)
         response_ids, response_logp = drawn if isinstance(drawn, tuple) else (drawn, None)
         if sampling.logprobs and response_logp is None:
             raise ValueError(

@@ -42,6 +42,8 @@ class HFGenerateEngine(RolloutEngine):
         super().__init__(model, tokenizer, pad_prompts_to_multiple_of)
         self.cache = choice("cache", cache, CACHES)
         self.compile_decoding = choice("compile_decoding", compile_decoding, COMPILE_MODES)
+        # The static cache decodes outside autocast (below): in the parameters' dtype.
+        self.casts_weights_once = self.cache == "dynamic"
 
     def response_ids(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,

@@ -18,6 +18,7 @@ class SharedPrefixEngine(RolloutEngine):
     always (a gather per decoding step), so the mismatch metrics are logged on every run."""
 
     returns_logprobs = True
+    casts_weights_once = True
 
     def response_ids(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int, sampling: SamplingParams,
