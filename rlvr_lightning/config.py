@@ -350,6 +350,7 @@ def _validate_engine(cfg: DictConfig, key: str) -> str:
             value = str(options[option]).lower()
             _require(value in choices, f"{key}.{option}={value!r} is unknown; available: {', '.join(choices)}")
     if engine == "vllm":
+        _validate_tensor_parallel(cfg, key)  # config mistakes first, on any machine
         _require(
             importlib.util.find_spec("vllm") is not None,
             "rollout/engine=vllm needs vLLM, which is not installed: pip install vllm (GPUs) or pip install "
@@ -360,6 +361,55 @@ def _validate_engine(cfg: DictConfig, key: str) -> str:
             if options.get(field) is not None:
                 _number(cfg, f"{key}.{field}", rule, integer=integer)
     return engine
+
+
+def _training_processes(cfg: DictConfig) -> int | None:
+    """``trainer.devices x trainer.num_nodes``, the number of training processes; None where it
+    is only known once Lightning looks at the machine (devices ``auto`` or -1)."""
+    devices = _get(cfg, "trainer.devices", 1)
+    if isinstance(devices, (list, tuple, ListConfig)):  # device indices: one process each
+        count = len(devices)
+    elif isinstance(devices, str):  # "2" (a count), "0,1" (indices), "auto", "-1"
+        text = devices.strip()
+        if "," in text:
+            count = len([part for part in text.split(",") if part.strip()])
+        elif text.isdigit():
+            count = int(text)
+        else:
+            return None
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        count = devices
+    else:
+        return None
+    nodes = _get(cfg, "trainer.num_nodes", 1)
+    if count < 1 or isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        return None  # -1 (every device), or a value Lightning itself refuses
+    return count * nodes
+
+
+def _validate_tensor_parallel(cfg: DictConfig, key: str) -> None:
+    """``rollout.engine.tensor_parallel_size`` of the vLLM engine: one vLLM sharded over each k
+    consecutive ranks, so k must divide the number of training processes; and the ranks of a
+    group must generate the same number of times, which dynamic sampling (a per-rank stop) breaks."""
+    field = f"{key}.tensor_parallel_size"
+    tp = int(_number(cfg, field, ">= 1", integer=True, default=1,
+                     note=" (1: one vLLM per rank; k: one vLLM sharded over each k consecutive ranks)"))
+    world = _training_processes(cfg)
+    if world is not None:
+        devices, nodes = _get(cfg, "trainer.devices", 1), _get(cfg, "trainer.num_nodes", 1)
+        allowed = [str(k) for k in range(1, world + 1) if world % k == 0]
+        _require(
+            world % tp == 0,
+            f"{field}={tp} does not divide the {world} training process{'es' if world > 1 else ''} "
+            f"(trainer.devices={devices} x trainer.num_nodes={nodes}): each vLLM is sharded over that many "
+            f"consecutive ranks; use {' or '.join(allowed)}",
+        )
+    _require(
+        tp == 1 or not _get(cfg, "sampling.dynamic", False),
+        f"sampling.dynamic=true with {field}={tp}: the {tp} ranks of a tensor-parallel vLLM must generate the "
+        "same number of times, and dynamic sampling decides per rank when to stop drawing batches, so a run "
+        f"could hang; use sampling=plain (sampling.dynamic=false), or {field}=1",
+    )
 
 
 def _validate_correction(cfg: DictConfig) -> None:
