@@ -245,8 +245,13 @@ def _validate_objective(cfg: DictConfig) -> None:
         f"objective.control.eps_low={eps_low} must be <= 1 (lower clip bound 1 - eps_low >= 0; 1 means no lower bound)",
     )
     _number(cfg, "objective.control.eps_high", "[0, 10]", note=" (upper clip bound 1 + eps_high; DAPO uses 0.28)")
-    for field in ("beta1", "beta2", "entropy_coef"):
+    for field in ("beta1", "beta2"):
         _number(cfg, f"objective.control.{field}", ">= 0", default=0.0)
+    # Negative penalises entropy (entropy minimisation, as in "The Unreasonable Effectiveness of
+    # Entropy Minimization in LLM Reasoning", 2025): the
+    # downward authority scheduler=target_entropy uses when entropy runs above its target.
+    _number(cfg, "objective.control.entropy_coef", "[-1, 1]", default=0.0,
+            note=" (the entropy bonus; negative: an entropy penalty)")
     _number(cfg, "objective.control.entropy_quantile", "(0, 1]", default=1.0,
             note=" (the fraction of tokens kept by entropy; 1 = off)")
     control = objective.control

@@ -156,8 +156,10 @@ def test_entropy_coef_has_one_home():
     assert cfg.objective.control.entropy_coef == 0.01
     with pytest.raises(ConfigError, match="moved to objective.control.entropy_coef"):
         validate_config(compose_config(["model=tiny", "+objective.entropy_coef=0.1"]))
-    with pytest.raises(ConfigError, match="objective.control.entropy_coef"):
-        validate_config(compose_config(["model=tiny", "objective.control.entropy_coef=-0.1"]))
+    # A negative coefficient is an entropy penalty (entropy minimisation): allowed, but bounded.
+    validate_config(compose_config(["model=tiny", "objective.control.entropy_coef=-0.1"]))
+    with pytest.raises(ConfigError, match=r"objective.control.entropy_coef=-2.0 must be in \[-1, 1\]"):
+        validate_config(compose_config(["model=tiny", "objective.control.entropy_coef=-2.0"]))
 
 
 def test_updater_follows_the_coefficient_set_after_construction(tiny):
@@ -283,7 +285,8 @@ def test_adaptive_state_survives_a_checkpoint():
 
 
 def controller(**overrides) -> TargetEntropy:
-    options = dict(target_start=2.0, curve="constant", relative_to_initial=False, kp=0.1, ki=0.0,
+    options = dict(actuator="clip", target_start=2.0, curve="constant", relative_to_initial=False, kp=0.1, ki=0.0,
+                   kd=0.0, integral_band=None,
                    max_change_per_step=None, coef_max_change_per_step=None,
                    quantile_max_change_per_step=None)
     return TargetEntropy(**(options | overrides))
@@ -291,7 +294,7 @@ def controller(**overrides) -> TargetEntropy:
 
 def test_entropy_coef_actuator():
     control = ControlState()
-    pid = controller(actuator="entropy_coef", coef_scale=0.1, coef_max=0.05)
+    pid = controller(actuator="entropy_coef", coef_scale=0.1, coef_max=0.05, coef_min=0.0)
     pid.update(control, step(0, 1.0))  # too low by 1 nat: u = 0.1, coef = 0.1 * 0.1
     assert control.entropy_coef == pytest.approx(0.01)
     assert control.info["controller_output"] == pytest.approx(0.1)
@@ -303,6 +306,64 @@ def test_entropy_coef_actuator():
     assert (control.eps_low, control.eps_high, control.beta1, control.beta2) == (0.2, 0.2, 0.0, 0.0)
     assert control.entropy_gate is None and control.applied_entropy_coef == control.entropy_coef
     assert not pid.relies_on_clipping
+
+
+def test_entropy_coef_actuator_goes_negative_down_to_coef_min():
+    """Below 0 the coefficient is an entropy penalty: the controller's authority to lower
+    entropy. It stops at coef_min, and the integral stops winding there too."""
+    control = ControlState()
+    pid = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-0.05, coef_max=0.1, ki=0.01)
+    pid.update(control, step(0, 2.3))  # too high by 0.3: u = 0.1 * -0.3 + 0.01 * -0.3
+    assert control.entropy_coef == pytest.approx(-0.033)
+    assert control.applied_entropy_coef == pytest.approx(-0.033)  # the loss penalises entropy
+    for k in range(1, 4):
+        pid.update(control, step(k, 4.0))  # far too high: held at coef_min
+        assert control.entropy_coef == pytest.approx(-0.05)
+    assert control.info["controller_saturated"] == 1.0
+    assert pid.ki * pid.integral >= -0.05 - 1e-12  # anti-windup: no more than the bound's worth
+    pid.update(control, step(4, 2.0))  # on target: the penalty falls to what the integral holds
+    assert control.entropy_coef == pytest.approx(pid.ki * pid.integral)
+
+
+def test_derivative_term_acts_on_the_measured_entropy_only():
+    """kd: u gains -kd * (H_k - H_{k-1}); nothing at the first rollout, no kick when the target
+    moves, and the previous entropy survives a checkpoint."""
+    control = ControlState()
+    pid = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-0.5, coef_max=0.5, kp=0.1, kd=0.2)
+    pid.update(control, step(0, 2.0))  # on target, no previous entropy: u = 0
+    assert control.entropy_coef == 0.0
+    pid.update(control, step(1, 1.5))  # fell 0.5: u = 0.1 * 0.5 + 0.2 * 0.5
+    assert control.info["controller_output"] == pytest.approx(0.15)
+    resumed = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-0.5, coef_max=0.5, kp=0.1, kd=0.2)
+    resumed.load_state_dict(pid.state_dict())
+    for schedule, state in ((pid, control), (resumed, ControlState())):
+        schedule.update(state, step(2, 1.5))  # steady: only the proportional term, 0.1 * 0.5
+        assert state.info["controller_output"] == pytest.approx(0.05)
+    moving = TargetEntropy(actuator="entropy_coef", target_fn=lambda k, total: 2.0 - k, relative_to_initial=False,
+                           kp=0.1, ki=0.0, kd=1.0, coef_scale=1.0, coef_min=-0.5, coef_max=0.5,
+                           coef_max_change_per_step=None)
+    state = ControlState()
+    moving.update(state, step(0, 2.0))
+    moving.update(state, step(1, 2.0))  # the target fell by 1, the entropy did not: no derivative kick
+    assert state.info["controller_output"] == pytest.approx(0.1 * (1.0 - 2.0))
+    with pytest.raises(ValueError, match="kd must be finite and >= 0"):
+        controller(kd=-1.0)
+
+
+def test_integral_band_holds_the_integral_during_large_errors():
+    control = ControlState()
+    pid = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-1.0, coef_max=1.0, kp=0.0, ki=0.1,
+                     integral_band=0.25)
+    pid.update(control, step(0, 1.0))  # error 1.0 = 50% of the target 2.0: outside the band
+    assert pid.integral == 0.0 and control.entropy_coef == 0.0
+    pid.update(control, step(1, 1.8))  # error 0.2 = 10%: integrated
+    assert pid.integral == pytest.approx(0.2)
+    assert control.entropy_coef == pytest.approx(0.02)
+    unbanded = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-1.0, coef_max=1.0, kp=0.0, ki=0.1)
+    unbanded.update(ControlState(), step(0, 1.0))
+    assert unbanded.integral == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="integral_band must be > 0 or None"):
+        controller(integral_band=0.0)
 
 
 def test_entropy_coef_actuator_rate_limit_and_initial_value():
@@ -408,7 +469,7 @@ def test_high_and_low_scale_zero_is_fine_without_clip_or_beta():
 
 def test_target_entropy_actuator_state_survives_a_checkpoint():
     entropies = [1.0, 1.4, 0.6, 2.0, 1.3, 0.9]
-    options = dict(actuator=["clip", "entropy_coef", "entropy_quantile"], ki=0.05)
+    options = dict(actuator=["clip", "entropy_coef", "entropy_quantile"], ki=0.05, coef_scale=0.1)
     full, control = controller(**options), ControlState()
     history = []
     for k, entropy in enumerate(entropies):
@@ -461,19 +522,20 @@ def test_train_adaptive_entropy(tmp_path: Path) -> None:
 
 
 def test_train_target_entropy_entropy_coef(tmp_path: Path) -> None:
-    # The shipped target (1.0 -> 0.5 of H_init) lies below the entropy: the bonus stays off.
-    plain = train(tmp_path, "plain", "scheduler=target_entropy", "scheduler.actuator=entropy_coef")
-    assert plain["control/entropy_coef"] == [0.0, 0.0]
-    assert plain["control/eps_high"] == pytest.approx([0.2, 0.2])
-    # A target above it: the coefficient ramps at its rate limit (0.005 a rollout).
-    above = train(tmp_path, "above", "scheduler=target_entropy", "scheduler.actuator=entropy_coef",
-                  "scheduler.target_start=2.0")
-    assert above["control/entropy_coef"] == pytest.approx([0.005, 0.01])
-    assert above["control/eps_high"] == pytest.approx([0.2, 0.2])
+    # The shipped target falls from 1.0 to 0.5 of H_init: on target at step 0 (no coefficient),
+    # then above it, so the coefficient turns negative (a penalty), as far as its rate limit.
+    plain = train(tmp_path, "plain", "scheduler=target_entropy")
+    assert plain["control/entropy_coef"][0] == 0.0
+    assert plain["control/entropy_coef"][1] == pytest.approx(max(-0.05, plain["control/controller_output"][1]))
+    assert plain["control/entropy_coef"][1] < 0.0
+    assert plain["control/eps_high"] == pytest.approx([0.2, 0.2])  # not an actuator by default
+    # A target far above it: the coefficient ramps at its rate limit (0.1 a rollout).
+    above = train(tmp_path, "above", "scheduler=target_entropy", "scheduler.target_start=2.0")
+    assert above["control/entropy_coef"] == pytest.approx([0.1, 0.2])
     # Combined: the same output moves the clip bounds (0.02 a rollout) and the coefficient.
     both = train(tmp_path, "both", "scheduler=target_entropy", "scheduler.actuator=[clip,entropy_coef]",
                  "scheduler.target_start=2.0")
-    assert both["control/entropy_coef"] == pytest.approx([0.005, 0.01])
+    assert both["control/entropy_coef"] == pytest.approx([0.1, 0.2])
     assert both["control/eps_high"] == pytest.approx([0.22, 0.24])
     assert both["control/eps_low"] == pytest.approx([0.18, 0.16])
     # One output drives both (the step-1 entropies differ in the last bits: other clip bounds).

@@ -50,6 +50,18 @@ ARM_VALUES: dict[str, dict[str, object]] = {
     "ce_gppo_betas/b1_0.5_b2_1": {"objective.control.beta1": 0.5, "objective.control.beta2": 1.0},
     "ce_gppo_betas/b1_1_b2_1": {"objective.control.beta1": 1.0, "objective.control.beta2": 1.0},
     "ce_gppo_betas/b1_1_b2_0.5": {"objective.control.beta1": 1.0, "objective.control.beta2": 0.5},
+    "entropy_control/constant_addition": {
+        "data.operations": ["+"], "scheduler.curve": "constant", "scheduler.target_start": 0.5,
+    },
+    "entropy_control/constant_multiplication": {
+        "data.operations": ["*"], "scheduler.curve": "constant", "scheduler.target_start": 0.5,
+    },
+    "entropy_control/linear_addition": {
+        "data.operations": ["+"], "scheduler.curve": "linear", "scheduler.target_start": 0.8, "scheduler.target_end": 0.4,
+    },
+    "entropy_control/linear_multiplication": {
+        "data.operations": ["*"], "scheduler.curve": "linear", "scheduler.target_start": 0.8, "scheduler.target_end": 0.4,
+    },
 }
 
 # What every arm of a recipe shares (from its _base.yaml).
@@ -73,9 +85,18 @@ SHARED: dict[str, dict[str, object]] = {
         "trainer.max_steps": 8,
         "rollout.epochs": 2,
     },
+    "entropy_control": {
+        "objective.name": "grpo",
+        "scheduler._target_": SCHEDULER + "TargetEntropy",
+        "scheduler.actuator": "entropy_coef",
+        "trainer.max_steps": 40,
+        "rollout.prompts_per_step": 8,
+        "rollout.group_size": 4,
+    },
 }
+for _recipe in ("schedules", "objectives", "random_rewards", "ce_gppo_betas"):
+    SHARED[_recipe]["rollout.prompts_per_step"] = 4
 COMMON = {
-    "rollout.prompts_per_step": 4,
     "validate_before_training": False,
     "trainer.val_check_interval": 1000,
 }

@@ -133,9 +133,10 @@ def test_killed_run_resumes_from_its_latest_step_checkpoint(tmp_path: Path, monk
     run(compose_config(overrides + [f"ckpt_path={latest}"]), run_dir=tmp_path / "resumed")
     full, resumed = read_scalars(tmp_path / "full"), read_scalars(tmp_path / "resumed")
     assert_same_steps(full, resumed, [2, 3])
-    # The compared steps trained with a moving LR and a moving closed-loop threshold.
+    # The compared steps trained with a moving LR and a moving closed-loop entropy coefficient
+    # (the controller's integral and previous entropy, for its derivative term, carry over).
     assert len({value for _, value in full["optim/lr"]}) > 1
-    assert len({value for _, value in full["control/eps_high"]}) > 1
+    assert len({value for _, value in full["control/entropy_coef"]}) > 1
 
 
 # ---------------------------------------------------------------------------------------------

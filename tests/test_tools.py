@@ -136,7 +136,7 @@ def test_compare_schedules_runs_as_a_script() -> None:
 def test_run_experiment_lists_recipes_and_arms() -> None:
     from tools.run_experiment import arms, recipes
 
-    assert recipes() == ["ce_gppo_betas", "objectives", "random_rewards", "schedules"]
+    assert recipes() == ["ce_gppo_betas", "entropy_control", "objectives", "random_rewards", "schedules"]
     assert arms("ce_gppo_betas") == ["b1_0_b2_1", "b1_0.5_b2_1", "b1_1_b2_0.5", "b1_1_b2_1"]
     with pytest.raises(FileNotFoundError, match="available: ce_gppo_betas"):
         arms("no_such_recipe")
@@ -168,3 +168,27 @@ def test_run_experiment_smoke(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="has no arm"):
         main(["random_rewards", "--arms", "no_such_arm", "--out-dir", str(tmp_path / "x")])
+
+    # --report rebuilds the tables from the runs without training; the recipe's own columns.
+    for run in out.glob("*_seed*"):
+        (run / "checkpoints" / "last.ckpt").unlink()
+    main(["random_rewards", "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--report",
+          "--extra", *extra, "+recipe.columns=[[reward worst from 1,reward/mean,max_from_1]]"])
+    assert not any(out.glob("*_seed*/checkpoints/last.ckpt"))  # nothing trained again
+    report = (out / "summary.md").read_text()
+    assert "| arm | seeds | reward worst from 1 | wall s |" in report
+    with pytest.raises(FileNotFoundError, match="run that arm and seed first"):
+        main(["random_rewards", "--model", "tiny", "--seeds", "7", "--out-dir", str(tmp_path), "--report"])
+
+
+def test_run_experiment_reductions() -> None:
+    from tools.run_experiment import recipe_columns, reduce
+
+    points = [(0, 1.0), (4, 3.0), (5, 2.0), (9, 6.0)]
+    assert reduce(points, "first") == 1.0 and reduce(points, "last") == 6.0 and reduce(points, "mean") == 3.0
+    assert reduce(points, "mean_from_5") == 4.0 and reduce(points, "max_from_5") == 6.0
+    assert reduce(points, "mean_to_4") == 2.0 and reduce(points, "max_from_10") is None
+    with pytest.raises(ValueError, match="column reduction 'median' is unknown"):
+        reduce(points, "median")
+    with pytest.raises(ValueError, match=r"must be \[header, tag, reduction\]"):
+        recipe_columns({"columns": [["entropy", "entropy/rollout"]]})

@@ -122,10 +122,40 @@ def file_settings(path: Path) -> str:
     return " ".join(settings + _flatten(content)) if content or settings else "-"
 
 
+REDUCTIONS = "first, last, mean, mean_from_<step>, max_from_<step>, mean_to_<step>"
+
+
 def reduce(points: list[tuple[int, float]] | None, how: str) -> float | None:
+    """``points`` reduced to one number: ``first``, ``last``, ``mean``, the mean or maximum over
+    the steps from a given one on (``mean_from_5``, ``max_from_5``), or the mean up to a step
+    (``mean_to_4``: steps 0 to 4)."""
     if how == "first":
         return points[0][1] if points else None
+    if how.startswith(("mean_from_", "max_from_", "mean_to_")):
+        kind, bound = how.rsplit("_", 1)
+        if kind == "mean_to":
+            kept = [value for step, value in points or [] if step <= int(bound)]
+        else:
+            kept = [value for step, value in points or [] if step >= int(bound)]
+        return (max(kept) if kind == "max_from" else sum(kept) / len(kept)) if kept else None
+    if how not in ("last", "mean"):
+        raise ValueError(f"column reduction {how!r} is unknown; use one of {REDUCTIONS}")
     return last_value(points) if how == "last" else mean_value(points)
+
+
+def recipe_columns(recipe) -> tuple[tuple[str, str, str], ...]:
+    """The recipe's table columns (``recipe.columns``: [header, tag, reduction] each), or COLUMNS."""
+    columns = recipe.get("columns") if hasattr(recipe, "get") else None
+    if not columns:
+        return COLUMNS
+    out = []
+    for column in columns:
+        if len(column) != 3:
+            raise ValueError(f"recipe.columns entry {list(column)} must be [header, tag, reduction]")
+        header, tag, how = (str(part) for part in column)
+        reduce([], how)  # an unknown reduction fails here, before any training
+        out.append((header, tag, how))
+    return tuple(out)
 
 
 def spread_cell(values: list[float | None]) -> str:
@@ -137,29 +167,29 @@ def spread_cell(values: list[float | None]) -> str:
     return f"{format_cell(mean)} [{format_cell(min(present))}, {format_cell(max(present))}]"
 
 
-def run_table(runs: dict[str, Path], seconds: dict[str, float]) -> str:
+def run_table(runs: dict[str, Path], seconds: dict[str, float], columns=COLUMNS) -> str:
     """One row per run."""
     lines = [
-        "| run | steps | " + " | ".join(header for header, _, _ in COLUMNS) + " | wall s |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+        "| run | steps | " + " | ".join(header for header, _, _ in columns) + " | wall s |",
+        "|---|---|" + "---|" * len(columns) + "---|",
     ]
     for name, run_dir in runs.items():
         scalars = read_scalars(run_dir)
-        cells = [format_cell(reduce(scalars.get(tag), how)) for _, tag, how in COLUMNS]
+        cells = [format_cell(reduce(scalars.get(tag), how)) for _, tag, how in columns]
         steps = len(scalars.get("entropy/rollout") or [])
         lines.append(f"| {name} | {steps} | " + " | ".join(cells) + f" | {seconds[name]:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def arm_table(by_arm: dict[str, dict[int, Path]], seconds: dict[str, float]) -> str:
+def arm_table(by_arm: dict[str, dict[int, Path]], seconds: dict[str, float], columns=COLUMNS) -> str:
     """One row per arm: mean [min, max] over its seeds."""
     lines = [
-        "| arm | seeds | " + " | ".join(header for header, _, _ in COLUMNS) + " | wall s |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+        "| arm | seeds | " + " | ".join(header for header, _, _ in columns) + " | wall s |",
+        "|---|---|" + "---|" * len(columns) + "---|",
     ]
     for arm, run_dirs in by_arm.items():
         scalars = [read_scalars(d) for d in run_dirs.values()]
-        cells = [spread_cell([reduce(s.get(tag), how) for s in scalars]) for _, tag, how in COLUMNS]
+        cells = [spread_cell([reduce(s.get(tag), how) for s in scalars]) for _, tag, how in columns]
         walls = [seconds[run_name(arm, seed)] for seed in run_dirs]
         seeds = ",".join(str(seed) for seed in run_dirs)
         lines.append(
@@ -234,9 +264,12 @@ def run_recipe(
     extra: Sequence[str] = (),
     seeds: Sequence[int] | None = None,
     only_arms: Sequence[str] | None = None,
+    report_only: bool = False,
 ) -> Path:
     """Train every arm (or ``only_arms``) of recipe ``name`` with every seed (default: the
-    recipe's ``recipe.seeds``); write the figure and the summary; returns the output folder."""
+    recipe's ``recipe.seeds``); write the figure and the summary; returns the output folder.
+    ``report_only``: train nothing, rebuild the figure and summary from the run folders already
+    in ``out_dir`` (wall time then is the sum of the runs' ``time/step_seconds``)."""
     from rlvr_lightning.train import run
 
     available = arms(name)
@@ -245,6 +278,9 @@ def run_recipe(
     if unknown:
         raise ValueError(f"recipe {name} has no arm {unknown}; its arms: {', '.join(available)}")
     recipe = compose_arm(name, chosen[0], 0, model, extra).recipe
+    columns = recipe_columns(recipe)
+    if report_only and out_dir is None:
+        raise ValueError("report_only needs the output folder of the runs (--out-dir)")
     seeds = [int(s) for s in (seeds if seeds else recipe.seeds)]
     if out_dir is None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -262,6 +298,11 @@ def run_recipe(
         label = run_name(arm, seed)
         print(f"[run_experiment] {name} {index}/{len(configs)}: {label}", flush=True)
         runs[label] = by_arm[arm][seed] = out_dir / label
+        if report_only:
+            if not runs[label].is_dir():
+                raise FileNotFoundError(f"{runs[label]} is missing: run that arm and seed first (without --report)")
+            seconds[label] = sum(v for _, v in read_scalars(runs[label]).get("time/step_seconds", []))
+            continue
         start = time.perf_counter()
         run(cfg, run_dir=runs[label])
         seconds[label] = time.perf_counter() - start
@@ -306,10 +347,10 @@ def run_recipe(
         "",
         f"Per arm, over seeds {', '.join(map(str, seeds))}: mean [min, max]",
         "",
-        arm_table(by_arm, seconds),
+        arm_table(by_arm, seconds, columns),
         "Per run:",
         "",
-        run_table(runs, seconds),
+        run_table(runs, seconds, columns),
         f"![{name}]({figure.name})",
         "",
     ]
@@ -342,12 +383,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--extra", nargs="*", default=[], help="more Hydra overrides for every run (they win)"
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: rebuild the figure and summary.md from the runs in --out-dir",
+    )
     args = parser.parse_args(argv)
+    if args.report and args.out_dir is None:
+        parser.error("--report needs --out-dir, the folder holding the runs")
     try:
         arms(args.recipe)
     except FileNotFoundError as error:
         parser.exit(2, f"run_experiment.py: error: {error}\n")
-    return run_recipe(args.recipe, args.out_dir, args.model, args.extra, args.seeds, args.arms)
+    return run_recipe(args.recipe, args.out_dir, args.model, args.extra, args.seeds, args.arms, args.report)
 
 
 if __name__ == "__main__":
