@@ -37,6 +37,7 @@ from rlvr_lightning.rollout import ENGINES, check_engine_options, engine_class
 from rlvr_lightning.rollout.engine import COMPILE_MODES
 from rlvr_lightning.rollout.hf import CACHES
 from rlvr_lightning.rollout.static import CUDA_GRAPH_MODES
+from rlvr_lightning.rollout.vllm import tensor_parallel_sizes
 
 MODEL_SOURCES = ("smollm2_gguf", "pretrained", "tiny")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -248,8 +249,8 @@ def _validate_objective(cfg: DictConfig) -> None:
     for field in ("beta1", "beta2"):
         _number(cfg, f"objective.control.{field}", ">= 0", default=0.0)
     # Negative penalises entropy (entropy minimisation, as in "The Unreasonable Effectiveness of
-    # Entropy Minimization in LLM Reasoning", 2025): the
-    # downward authority scheduler=target_entropy uses when entropy runs above its target.
+    # Entropy Minimization in LLM Reasoning", 2025): the downward authority scheduler=target_entropy
+    # uses when entropy runs above its target.
     _number(cfg, "objective.control.entropy_coef", "[-1, 1]", default=0.0,
             note=" (the entropy bonus; negative: an entropy penalty)")
     _number(cfg, "objective.control.entropy_quantile", "(0, 1]", default=1.0,
@@ -402,12 +403,11 @@ def _validate_tensor_parallel(cfg: DictConfig, key: str) -> None:
     world = _training_processes(cfg)
     if world is not None:
         devices, nodes = _get(cfg, "trainer.devices", 1), _get(cfg, "trainer.num_nodes", 1)
-        allowed = [str(k) for k in range(1, world + 1) if world % k == 0]
         _require(
             world % tp == 0,
             f"{field}={tp} does not divide the {world} training process{'es' if world > 1 else ''} "
             f"(trainer.devices={devices} x trainer.num_nodes={nodes}): each vLLM is sharded over that many "
-            f"consecutive ranks; use {' or '.join(allowed)}",
+            f"consecutive ranks; use {tensor_parallel_sizes(world)}",
         )
     _require(
         tp == 1 or not _get(cfg, "sampling.dynamic", False),

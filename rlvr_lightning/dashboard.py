@@ -6,7 +6,8 @@ layout, an HParams summary, histograms and readable sample tables.
   and which ``objective/*_in_force`` tags would only repeat a ``control/`` tag.
 - ``LAYOUT``: the custom-scalars layout written into every run (the same for every run, so a
   sweep under one ``--logdir`` merges into one set of charts).
-- ``hparams_summaries``: the HParams plugin's experiment, session-start and session-end protos.
+- ``hparams_summaries``: the HParams plugin's experiment, session-start and session-end protos
+  (a "session" is that plugin's name for one run).
 - ``samples_markdown``: a step's sampled groups as markdown tables for the text tab.
 """
 

@@ -145,7 +145,7 @@ def reduce(points: list[tuple[int, float]] | None, how: str) -> float | None:
 
 def recipe_columns(recipe) -> tuple[tuple[str, str, str], ...]:
     """The recipe's table columns (``recipe.columns``: [header, tag, reduction] each), or COLUMNS."""
-    columns = recipe.get("columns") if hasattr(recipe, "get") else None
+    columns = recipe.get("columns")
     if not columns:
         return COLUMNS
     out = []

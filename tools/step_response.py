@@ -34,6 +34,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make `tools` and `rlvr_lightning` importable
     sys.path.insert(0, str(REPO))
@@ -55,28 +57,25 @@ FIELDS = {
 NOISE_FLOOR_SIGMAS = 2.5  # the largest of ~40 normal draws is about 2.5 standard deviations
 
 
+def _steps_and_values(points: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([float(step) for step, _ in points]), np.array([float(value) for _, value in points])
+
+
 def fit_line(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares ``(slope, intercept)`` of ``value`` against ``step``."""
     if len(points) < 2:
         raise ValueError(f"a slope needs at least 2 steps of {ENTROPY_TAG} (got {len(points)}); raise --steps")
-    steps = [float(step) for step, _ in points]
-    values = [float(value) for _, value in points]
-    mean_step, mean_value = sum(steps) / len(steps), sum(values) / len(values)
-    spread = sum((s - mean_step) ** 2 for s in steps)
-    slope = sum((s - mean_step) * (v - mean_value) for s, v in zip(steps, values, strict=True)) / spread
-    return slope, mean_value - slope * mean_step
+    slope, intercept = np.polyfit(*_steps_and_values(points), 1)
+    return float(slope), float(intercept)
 
 
 def residual_std(points: Sequence[tuple[int, float]]) -> float:
     """Standard deviation of the values around a fitted parabola (n - 3 degrees of freedom): a
     learning run's entropy curves (it falls fast, then slower), and the residuals around a
     straight line would count that curvature as noise."""
-    import numpy as np
-
     if len(points) < 4:
         raise ValueError(f"the noise needs at least 4 steps of {ENTROPY_TAG} (got {len(points)}); raise --steps")
-    steps = np.array([float(step) for step, _ in points])
-    values = np.array([float(value) for _, value in points])
+    steps, values = _steps_and_values(points)
     residuals = values - np.polyval(np.polyfit(steps, values, 2), steps)
     return float(math.sqrt(float((residuals**2).sum()) / (len(points) - 3)))
 

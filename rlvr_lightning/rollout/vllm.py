@@ -72,6 +72,11 @@ def _state_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
                 yield prefix + name, tensor
 
 
+def tensor_parallel_sizes(world: int) -> str:
+    """The tensor_parallel_size values that fit ``world`` ranks (its divisors), for messages."""
+    return " or ".join(str(k) for k in range(1, world + 1) if world % k == 0)
+
+
 def _rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks (0 and 1 without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -152,10 +157,9 @@ class VLLMEngine(RolloutEngine):
         rank, world = _rank_and_world()
         tp = self.options["tensor_parallel_size"]
         if world % tp:
-            allowed = [str(k) for k in range(1, world + 1) if world % k == 0]
             raise ValueError(
                 f"rollout.engine.tensor_parallel_size={tp} does not divide the {world} training process(es): "
-                f"each vLLM is sharded over that many ranks of this run; use {' or '.join(allowed)}"
+                f"each vLLM is sharded over that many ranks of this run; use {tensor_parallel_sizes(world)}"
             )
         try:
             import vllm

@@ -615,13 +615,12 @@ class TargetEntropy(ControlCallback):
         for name, value in (
             ("kp", kp),
             ("ki", ki),
+            ("kd", kd),
             ("high_scale", high_scale),
             ("low_scale", low_scale),
         ):
             if not (math.isfinite(value) and value >= 0.0):
                 raise ValueError(f"{name} must be finite and >= 0 (got {value})")
-        if not (math.isfinite(kd) and kd >= 0.0):
-            raise ValueError(f"kd must be finite and >= 0 (got {kd})")
         if kp == 0.0 and ki == 0.0:
             raise ValueError("kp and ki are both 0: the controller would never act")
         if integral_band is not None and not (math.isfinite(integral_band) and integral_band > 0.0):
