@@ -286,7 +286,7 @@ def test_adaptive_state_survives_a_checkpoint():
 
 def controller(**overrides) -> TargetEntropy:
     options = dict(actuator="clip", target_start=2.0, curve="constant", relative_to_initial=False, kp=0.1, ki=0.0,
-                   kd=0.0, integral_band=None,
+                   kd=0.0, integral_band=None, coef_feedforward=0.0, lead=0.0,
                    max_change_per_step=None, coef_max_change_per_step=None,
                    quantile_max_change_per_step=None)
     return TargetEntropy(**(options | overrides))
@@ -348,6 +348,90 @@ def test_derivative_term_acts_on_the_measured_entropy_only():
     assert state.info["controller_output"] == pytest.approx(0.1 * (1.0 - 2.0))
     with pytest.raises(ValueError, match="kd must be finite and >= 0"):
         controller(kd=-1.0)
+
+
+def test_lead_makes_the_carried_output_close_its_gap_by_lead_per_rollout():
+    """The optimizer's momentum carries a bias-corrected average of the outputs applied (weight
+    w_k = (1 - rho) / (1 - rho**(k+1)) for the newest); the lead applies more than u so that this
+    average closes `lead` of its gap to u each rollout, or u itself once w_k >= lead."""
+    rho, lead = 0.9, 0.5
+    pid = controller(actuator="entropy_coef", coef_scale=0.1, coef_min=-1.0, coef_max=1.0, kp=1.0,
+                     lead=lead, optimizer_momentum=rho)
+    control = ControlState()
+    entropies = [1.9, 1.5, 1.5, 1.7, 2.4, 2.4, 2.0]  # target 2.0: u = 2.0 - H
+    momentum_sum, weight_sum, carried = 0.0, 0.0, 0.0
+    for k, entropy in enumerate(entropies):
+        pid.update(control, step(k, entropy))
+        wanted, applied = 2.0 - entropy, control.info["controller_output"]
+        assert control.entropy_coef == pytest.approx(0.1 * applied)  # inside the bounds
+        newest = (1.0 - rho) / (1.0 - rho ** (k + 1))
+        if k == 0 or newest >= lead:
+            assert applied == pytest.approx(wanted)  # Adam's first update applies it whole
+        # Adam's bias-corrected first moment of the applied values:
+        momentum_sum = rho * momentum_sum + (1.0 - rho) * applied
+        weight_sum = rho * weight_sum + (1.0 - rho)
+        new_carried = momentum_sum / weight_sum
+        assert control.info["controller_carried"] == pytest.approx(new_carried)
+        if k > 0:
+            assert new_carried - carried == pytest.approx(max(lead, newest) * (wanted - carried))
+        carried = new_carried
+    # A checkpoint keeps what the momentum carries.
+    resumed = controller(actuator="entropy_coef", coef_scale=0.1, coef_min=-1.0, coef_max=1.0, kp=1.0,
+                         lead=lead, optimizer_momentum=rho)
+    resumed.load_state_dict(pid.state_dict())
+    a, b = ControlState(), ControlState()
+    pid.update(a, step(7, 1.0))
+    resumed.update(b, step(7, 1.0))
+    assert a.info["controller_output"] == b.info["controller_output"]
+
+
+def test_no_lead_without_momentum_or_with_lead_zero():
+    entropies = [1.9, 1.5, 1.7, 2.4, 2.0]
+    outputs = {}
+    for name, options in (("plain", dict(lead=0.0, optimizer_momentum=0.9)),
+                          ("no momentum", dict(lead=0.5, optimizer_momentum=0.0)),
+                          ("outside a trainer", dict(lead=0.5))):  # None: nothing to read, 0
+        pid = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-1.0, coef_max=1.0, ki=0.05, **options)
+        control = ControlState()
+        outputs[name] = []
+        for k, entropy in enumerate(entropies):
+            pid.update(control, step(k, entropy))
+            outputs[name].append(control.entropy_coef)
+    assert outputs["plain"] == outputs["no momentum"] == outputs["outside a trainer"]
+    for options, message in ((dict(lead=1.5), "lead must lie in"), (dict(lead=-0.1), "lead must lie in"),
+                             (dict(optimizer_momentum=1.0), "optimizer_momentum must lie in"),
+                             (dict(coef_feedforward=math.inf), "coef_feedforward must be finite")):
+        with pytest.raises(ValueError, match=message):
+            controller(**options)
+
+
+def test_optimizer_momentum_is_read_per_rollout():
+    from rlvr_lightning.schedulers.schedules import _optimizer_momentum
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    adamw = SimpleNamespace(optimizers=[torch.optim.AdamW([weight], betas=(0.9, 0.999))])
+    assert _optimizer_momentum(adamw, SimpleNamespace(updates_per_rollout=2)) == pytest.approx(0.81)
+    sgd = SimpleNamespace(optimizers=[torch.optim.SGD([weight], lr=0.1, momentum=0.5)])
+    assert _optimizer_momentum(sgd, SimpleNamespace(updates_per_rollout=3)) == pytest.approx(0.125)
+    plain = SimpleNamespace(optimizers=[torch.optim.SGD([weight], lr=0.1)])
+    assert _optimizer_momentum(plain, SimpleNamespace(updates_per_rollout=1)) == 0.0
+    assert _optimizer_momentum(SimpleNamespace(optimizers=[]), SimpleNamespace()) == 0.0
+
+
+def test_feedforward_adds_a_standing_coefficient_within_the_bounds():
+    control = ControlState(entropy_coef=0.01)
+    pid = controller(actuator="entropy_coef", coef_scale=1.0, coef_min=-0.05, coef_max=0.1, coef_feedforward=0.04)
+    pid.update(control, step(0, 2.0))  # on target: the objective's 0.01 plus the feed-forward
+    assert control.entropy_coef == pytest.approx(0.05)
+    pid.update(control, step(1, 1.0))  # too low by 1: u = 0.1, up to the bound 0.1
+    assert control.entropy_coef == pytest.approx(0.1)
+    capped = controller(actuator="entropy_coef", coef_max=0.1, coef_feedforward=0.5)
+    capped.update(control := ControlState(), step(0, 2.0))
+    assert control.entropy_coef == pytest.approx(0.1)  # clamped to coef_max
+    # The feed-forward moves only the coefficient: clip bounds keep their objective values.
+    both = controller(actuator=["clip", "entropy_coef"], coef_feedforward=0.04)
+    both.update(control := ControlState(), step(0, 2.0))
+    assert (control.eps_low, control.eps_high, control.entropy_coef) == pytest.approx((0.2, 0.2, 0.04))
 
 
 def test_integral_band_holds_the_integral_during_large_errors():
@@ -529,9 +613,20 @@ def test_train_target_entropy_entropy_coef(tmp_path: Path) -> None:
     assert plain["control/entropy_coef"][1] == pytest.approx(max(-0.05, plain["control/controller_output"][1]))
     assert plain["control/entropy_coef"][1] < 0.0
     assert plain["control/eps_high"] == pytest.approx([0.2, 0.2])  # not an actuator by default
+    # The controller read the optimizer's momentum per rollout, AdamW's beta1 ** updates_per_rollout:
+    # after output 0 at step 0 and r at step 1, the bias-corrected carried output is r / (1 + rho).
+    config = compose_config(COMMAND)
+    rho = 0.9 ** (config.rollout.epochs * config.rollout.mini_batches)
+    applied = plain["control/entropy_coef"][1]
+    assert plain["control/controller_carried"] == pytest.approx([0.0, applied / (1.0 + rho)], abs=1e-7)
     # A target far above it: the coefficient ramps at its rate limit (0.1 a rollout).
     above = train(tmp_path, "above", "scheduler=target_entropy", "scheduler.target_start=2.0")
     assert above["control/entropy_coef"] == pytest.approx([0.1, 0.2])
+    # With the lead and a feed-forward: the coefficient starts at the feed-forward, ramps at its
+    # rate limit, and at step 1 the lead weighs the output against the 0.1 the momentum carries.
+    led = train(tmp_path, "led", "scheduler=target_entropy", "scheduler.target_start=2.0", "scheduler.lead=0.5",
+                "scheduler.coef_feedforward=0.04")
+    assert led["control/entropy_coef"] == pytest.approx([0.14, min(0.24, 0.04 + led["control/controller_output"][1])])
     # Combined: the same output moves the clip bounds (0.02 a rollout) and the coefficient.
     both = train(tmp_path, "both", "scheduler=target_entropy", "scheduler.actuator=[clip,entropy_coef]",
                  "scheduler.target_start=2.0")

@@ -32,9 +32,13 @@ PROBS = torch.tensor([0.001, 0.2, 0.5, 0.8, 0.999], dtype=torch.float64)
 CONF = Path(__file__).resolve().parents[1] / "rlvr_lightning" / "conf" / "scheduler"
 
 # The PI controller on the clip bounds, as these tests were written for: no derivative term and
-# integration at any error (the shipped defaults drive the entropy coefficient, see
+# integration at any error, no momentum lead (the shipped defaults drive the entropy coefficient, see
 # tests/test_entropy_coef.py).
-CLIP_PI = dict(actuator="clip", kd=0.0, integral_band=None)
+CLIP_PI = dict(actuator="clip", kp=0.2, ki=0.08, kd=0.0, integral_band=None, lead=0.0)
+
+
+def clip_pi(**options) -> TargetEntropy:
+    return TargetEntropy(**(CLIP_PI | options))
 
 
 def step(k: int, total: int = 20, entropy: float = 1.0) -> StepInfo:
@@ -341,7 +345,7 @@ def first_order_plant(controller: TargetEntropy, targets_steps: int, entropy: fl
 
 
 def test_controller_tracks_constant_target_on_first_order_plant():
-    controller = TargetEntropy(**CLIP_PI, target_start=1.2, curve="constant", relative_to_initial=False,
+    controller = clip_pi(target_start=1.2, curve="constant", relative_to_initial=False,
                                kp=0.3, ki=0.05, max_change_per_step=0.05)
     history = first_order_plant(controller, 150)
     tail = [h for h, *_ in history[-30:]]
@@ -355,7 +359,7 @@ def test_controller_tracks_constant_target_on_first_order_plant():
 
 def test_controller_follows_a_falling_curve():
     total = 200
-    controller = TargetEntropy(**CLIP_PI, target_start=2.0, target_end=1.0, curve="cosine",
+    controller = clip_pi(target_start=2.0, target_end=1.0, curve="cosine",
                                relative_to_initial=False, kp=0.5, ki=0.1, max_change_per_step=0.05)
     history = first_order_plant(controller, total, total=total)
     for k, (entropy, _, _, info) in enumerate(history):
@@ -367,7 +371,7 @@ def test_controller_follows_a_falling_curve():
 
 def test_controller_saturation_anti_windup_and_rate_limit():
     rate = 0.01
-    controller = TargetEntropy(**CLIP_PI, target_start=10.0, curve="constant", relative_to_initial=False,
+    controller = clip_pi(target_start=10.0, curve="constant", relative_to_initial=False,
                                kp=0.5, ki=0.2, eps_min=0.05, eps_max=0.4, max_change_per_step=rate)
     control = ControlState(eps_low=0.2, eps_high=0.2)
     # A plant that cannot reach the target: entropy stays at 1.
@@ -394,7 +398,7 @@ def test_controller_saturation_anti_windup_and_rate_limit():
 def test_controller_holds_the_integral_while_rate_limited():
     """Conditional integration: while both actuators ramp at their rate limit towards a
     reachable output, the integral does not grow; it resumes once they can follow."""
-    controller = TargetEntropy(**CLIP_PI, target_start=1.5, curve="constant", relative_to_initial=False,
+    controller = clip_pi(target_start=1.5, curve="constant", relative_to_initial=False,
                                kp=0.2, ki=0.01, max_change_per_step=0.001)
     control = ControlState(eps_low=0.2, eps_high=0.2)
     for k in range(20):  # wanted u = 0.2 * 0.5 = 0.1, far more than 0.001 a step
@@ -402,7 +406,7 @@ def test_controller_holds_the_integral_while_rate_limited():
         assert control.info["controller_saturated"] == 1.0
         assert control.info["controller_integral"] == 0.0
     assert control.eps_high == pytest.approx(0.22) and control.eps_low == pytest.approx(0.18)
-    fast = TargetEntropy(**CLIP_PI, target_start=1.5, curve="constant", relative_to_initial=False,
+    fast = clip_pi(target_start=1.5, curve="constant", relative_to_initial=False,
                          kp=0.2, ki=0.01, max_change_per_step=1.0)
     fast.update(control, step(0, 100, 1.0))
     assert control.info["controller_saturated"] == 0.0
@@ -424,13 +428,13 @@ def test_controller_beta_mode_moves_the_right_way():
 
 def test_controller_relative_target_and_callable_target():
     control = ControlState()
-    relative = TargetEntropy(**CLIP_PI, kp=0.5, ki=0.05, target_start=1.0, target_end=0.5, curve="linear",
+    relative = clip_pi(kp=0.5, ki=0.05, target_start=1.0, target_end=0.5, curve="linear",
                              relative_to_initial=True)
     relative.update(control, step(0, 10, 2.0))
     assert control.info["target_entropy"] == pytest.approx(2.0)
     relative.update(control, step(5, 10, 1.0))
     assert control.info["target_entropy"] == pytest.approx(1.5)
-    function = TargetEntropy(**CLIP_PI, kp=0.5, ki=0.05, target_fn=lambda k, total: 3.0 - k / total, relative_to_initial=False)
+    function = clip_pi(kp=0.5, ki=0.05, target_fn=lambda k, total: 3.0 - k / total, relative_to_initial=False)
     function.update(control, step(4, 8, 1.0))
     assert control.info["target_entropy"] == pytest.approx(2.5)
     assert control.info["entropy_error"] == pytest.approx(1.5)
@@ -441,7 +445,7 @@ def test_controller_relative_target_and_callable_target():
 
 def test_controller_rejects_initial_values_outside_the_bounds():
     with pytest.raises(ValueError, match="eps_high = 0.7 lies outside"):
-        TargetEntropy(**CLIP_PI, kp=0.5, ki=0.05, eps_max=0.6).update(ControlState(eps_high=0.7), step(0))
+        clip_pi(kp=0.5, ki=0.05, eps_max=0.6).update(ControlState(eps_high=0.7), step(0))
 
 
 def simulate_softmax_policy(controller: TargetEntropy | None, steps: int, seed: int = 0):
@@ -481,7 +485,7 @@ def simulate_softmax_policy(controller: TargetEntropy | None, steps: int, seed: 
 
 def test_controller_holds_entropy_of_a_softmax_policy():
     steps, target = 250, 2.0
-    controller = TargetEntropy(**CLIP_PI, target_start=target, curve="constant", relative_to_initial=False,
+    controller = clip_pi(target_start=target, curve="constant", relative_to_initial=False,
                                kp=1.0, ki=0.2, max_change_per_step=0.1)
     controlled = simulate_softmax_policy(controller, steps)
     tail = controlled[-100:]
@@ -514,7 +518,7 @@ CALLBACKS = {
     "did": lambda: DecreaseIncreaseDecrease(),
     "od": lambda: OscillatoryDecay(min_ratio=0.3),
     "beta_stages": lambda: BetaStages([(0, 0.0, 1.0), (20, 0.5, 1.0)], unit="step"),
-    "target_clip": lambda: TargetEntropy(**CLIP_PI, target_start=1.0, target_end=0.5, curve="linear",
+    "target_clip": lambda: clip_pi(target_start=1.0, target_end=0.5, curve="linear",
                                          relative_to_initial=True, kp=0.2, ki=0.05),
     "target_beta": lambda: TargetEntropy(target_start=1.5, curve="constant", relative_to_initial=False,
                                          actuator="beta", kp=0.2, ki=0.1, kd=0.0, integral_band=None),

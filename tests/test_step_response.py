@@ -40,6 +40,23 @@ def test_gains_and_suggestion_for_the_entropy_coefficient():
     assert "scheduler.actuator=entropy_coef" in result["suggestion"]["overrides"]
     assert "scheduler.coef_scale=1.0" in result["suggestion"]["overrides"]
     assert result["noise_std"] == pytest.approx(0.0, abs=1e-12)
+    # Entropy holds level where the slope crosses 0: between 0 (-0.02) and 0.05 (+0.03), at 0.02.
+    assert result["balance"] == pytest.approx(0.02)
+    assert "scheduler.coef_feedforward=0.02" in result["suggestion"]["overrides"]
+
+
+def test_balance_point():
+    assert step_response.balance_point({0.0: -0.02, 0.05: 0.03, -0.05: -0.2}) == pytest.approx(0.02)
+    assert step_response.balance_point({0.1: 0.0, 0.2: 0.1}) == 0.1
+    assert step_response.balance_point({0.0: -0.1, 0.1: -0.05}) is None  # never level: no crossing
+    # Without a crossing the coefficient gets no feed-forward, and the summary says why.
+    result = step_response.analyse("entropy_coef", {0.0: line(-0.1), 0.1: line(-0.05)})
+    assert result["balance"] is None and "scheduler.coef_feedforward=0" in result["suggestion"]["overrides"]
+    assert "every slope has the same sign" in result["warning_balance"]
+    # Other fields: the balance point is where the objective should start the field.
+    eps = step_response.analyse("eps_high", {0.2: line(-0.02), 0.3: line(0.02)})
+    assert eps["balance"] == pytest.approx(0.25)
+    assert "objective.control.eps_high=0.25" in eps["suggestion"]["overrides"]
 
 
 def test_noise_floor_and_fields_that_lower_entropy():

@@ -14,9 +14,13 @@ Entropy integrates the actuator (a bonus changes how fast entropy moves, not its
 controller that moves the field by ``k`` per nat of error removes ``k * |b|`` of the error each
 step. The tool suggests ``kp = fraction / |b|`` (``--fraction``, default 0.5: half the error
 per step; above 1 the loop overshoots, above 2 it diverges) with the strongest gain measured,
-and ``ki = kp * fraction / 4``; and it reports the baseline's step-to-step noise around a
-parabola, the floor under any controller's worst tracking error (about 2.5 standard deviations over
-a 40-step run): more completions per step lower it.
+and ``ki = kp * fraction / 4``. The balance point, the value at which entropy holds level (where
+the slope crosses 0 between two measured values, interpolated linearly), is the feed-forward:
+``scheduler.coef_feedforward`` (relative to the baseline, which should be the objective's own
+coefficient) for the entropy coefficient, the objective's starting value for the other fields.
+It also reports the baseline's step-to-step noise around a parabola, the floor under any
+controller's worst tracking error (about 2.5 standard deviations over a 40-step run): more
+completions per step lower it.
 
 Writes ``step_response.json`` (slopes, gains, noise, the suggested overrides),
 ``step_response.png`` (entropy against the step, one line per value, with its fit) and
@@ -32,6 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +85,19 @@ def residual_std(points: Sequence[tuple[int, float]]) -> float:
     return float(math.sqrt(float((residuals**2).sum()) / (len(points) - 3)))
 
 
+def balance_point(slopes: dict[float, float]) -> float | None:
+    """The value at which the entropy slope crosses 0, interpolated linearly between the two
+    neighbouring measured values whose slopes differ in sign (the lowest such crossing); None
+    when every slope has the same sign."""
+    ordered = sorted(slopes.items())
+    for (low, low_slope), (high, high_slope) in pairwise(ordered):
+        if low_slope == 0.0:
+            return low
+        if low_slope * high_slope < 0.0:
+            return low + (high - low) * low_slope / (low_slope - high_slope)
+    return ordered[-1][0] if ordered[-1][1] == 0.0 else None
+
+
 def analyse(field: str, series: dict[float, list[tuple[int, float]]], fraction: float = 0.5) -> dict:
     """Slopes, gains, noise and suggested gains from the entropy series of each value
     (the first key is the baseline)."""
@@ -95,6 +113,7 @@ def analyse(field: str, series: dict[float, list[tuple[int, float]]], fraction: 
     gains = {
         value: (slopes[value] - slopes[baseline]) / (value - baseline) for value in values[1:]
     }
+    balance = balance_point(slopes)
     noise = residual_std(series[baseline])
     level = sum(v for _, v in series[baseline]) / len(series[baseline])
     actuator, scale_key, direction, extra = FIELDS[field]
@@ -108,6 +127,7 @@ def analyse(field: str, series: dict[float, list[tuple[int, float]]], fraction: 
         "noise_relative": noise / level if level else math.inf,
         "noise_floor_worst_tracking_error": NOISE_FLOOR_SIGMAS * noise / level if level else math.inf,
         "fraction": fraction,
+        "balance": balance,
     }
     # The gain must move entropy the way target_entropy assumes, or the loop would run away.
     wrong_way = {str(v): g for v, g in gains.items() if direction * g <= 0.0}
@@ -133,6 +153,17 @@ def analyse(field: str, series: dict[float, list[tuple[int, float]]], fraction: 
             f"scheduler.ki={ki:.4g}",
         ],
     }
+    overrides = result["suggestion"]["overrides"]
+    if field == "entropy_coef":
+        # The shipped feed-forward is SmolLM2's balance point: without a measured one, none.
+        overrides.append(f"scheduler.coef_feedforward={0.0 if balance is None else balance - baseline:.4g}")
+    elif balance is not None:
+        overrides.append(f"objective.control.{field}={balance:.4g}")
+    if balance is None:
+        result["warning_balance"] = (
+            "no measured value held entropy level (every slope has the same sign): add a value beyond "
+            "the measured ones to find the feed-forward"
+        )
     if wrong_way:
         result["warning"] = f"values {sorted(wrong_way)} moved entropy the other way (gains {wrong_way})"
     return result
@@ -247,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{100 * result['noise_floor_worst_tracking_error']:.0f}%.",
         "",
     ]
+    if result["balance"] is not None:
+        lines.append(f"Balance point (entropy holds level): {args.field} = {result['balance']:.4g}.")
+    else:
+        lines.append("Balance point: none measured (every slope has the same sign).")
+    lines.append("")
     if result["suggestion"]:
         lines.append("Suggested: `" + " ".join(result["suggestion"]["overrides"]) + "`")
     else:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
+import lightning.pytorch as pl
+
 from rlvr_lightning.control import ControlState
 from rlvr_lightning.schedulers.base import ControlCallback, StepInfo
 
@@ -497,8 +499,21 @@ class TargetEntropy(ControlCallback):
                                                 |e_k| > integral_band * target(k))
         u_k = kp * e_k + ki * I_k - kd * (H_k - H_{k-1})
 
-    The single signal ``u`` moves the actuators around the values they had at the first
-    update (``*_0``), then each is clamped to its bounds and rate-limited:
+    Momentum lead: an actuator acts through the optimizer, whose momentum (AdamW's beta1 per
+    update, ``rho = beta1 ** updates_per_rollout`` per rollout) carries on the last rollouts'
+    actuator values: if rollout k applies ``v_k``, the updates move as if driven by the
+    bias-corrected average ``m_k = ((1 - rho) * sum_j rho**(k-j) v_j) / (1 - rho**(k+1))``, which
+    moves towards a new value only by the weight ``w_k = (1 - rho) / (1 - rho**(k+1))`` of the
+    newest rollout (0.19 a rollout for beta1 0.9 and 2 updates). That lag made a plain PID ring
+    (docs/experiments.md section 5). The controller keeps ``m`` itself and applies::
+
+        v_k = m_{k-1} + max(lead / w_k, 1) * (u_k - m_{k-1})
+
+    so that the carried value closes the fraction ``lead`` of its gap to ``u_k`` in one rollout
+    instead of ``w_k``; ``lead = 0`` (or ``rho = 0``) applies ``u_k`` as it is.
+
+    The single signal ``v`` (``u`` without a lead) moves the actuators around the values they
+    had at the first update (``*_0``), then each is clamped to its bounds and rate-limited:
 
     - ``actuator="clip"``: ``eps_high = eps_high_0 + high_scale*u``, ``eps_low = eps_low_0 -
       low_scale*u``, both in ``[eps_min, eps_max]``. Relaxing clip-high and tightening
@@ -506,9 +521,11 @@ class TargetEntropy(ControlCallback):
     - ``actuator="beta"``: ``beta2 = beta2_0 + high_scale*u``, ``beta1 = beta1_0 -
       low_scale*u``, both in ``[0, beta_max]``. In CE-GPPO (arXiv 2509.20712) a larger beta1 or
       a smaller beta2 lowers entropy.
-    - ``actuator="entropy_coef"``: ``entropy_coef = entropy_coef_0 + coef_scale*u`` in
-      ``[coef_min, coef_max]``: a larger entropy bonus raises entropy (section 2.9), and a
-      negative one (an entropy penalty, when ``coef_min < 0``) lowers it.
+    - ``actuator="entropy_coef"``: ``entropy_coef = entropy_coef_0 + coef_feedforward +
+      coef_scale*u`` in ``[coef_min, coef_max]``: a larger entropy bonus raises entropy (section
+      2.9), and a negative one (an entropy penalty, when ``coef_min < 0``) lowers it. The
+      feed-forward is the standing bonus that holds entropy level (the balance point a step
+      response measures), so the integral only has to learn how far the policy drifts from it.
     - ``actuator="entropy_quantile"``: ``entropy_quantile = entropy_quantile_0 -
       quantile_scale*u`` in ``[quantile_min, 1]`` (1: mask off): training on fewer, higher-entropy
       tokens keeps entropy up (arXiv 2506.01939, ALGORITHMS_NEXT A1).
@@ -534,8 +551,9 @@ class TargetEntropy(ControlCallback):
     Logs ``target_entropy``, ``entropy_error``, ``tracking_error`` (``|H_k - target(k)| /
     target(k)``, the relative tracking error; the absolute one when the target is 0),
     ``controller_integral``, ``controller_output`` (the ``u`` applied) and
-    ``controller_saturated`` (1 when integration was held). The
-    integral, the initial actuator values, the last outputs and ``H_init`` are checkpointed.
+    ``controller_saturated`` (1 when integration was held) and ``controller_carried`` (``m``,
+    what the optimizer's momentum carries, in units of ``u``). The integral, ``m``, the initial
+    actuator values, the last outputs and ``H_init`` are checkpointed.
 
     Args:
         target_start: target entropy (nats, or a ratio to ``H_init`` when relative) at step 0.
@@ -547,7 +565,14 @@ class TargetEntropy(ControlCallback):
             ``"entropy_quantile"``, or a list of them driven together.
         kp, ki: proportional and integral gains (actuator units per nat), >= 0, not both 0.
         kd: derivative gain on the measured entropy (actuator units per nat of change between
-            rollouts), >= 0; it brakes a fall or rise the optimizer's momentum would carry on.
+            rollouts), >= 0; it brakes a fall or rise the optimizer's momentum would carry on
+            (the lead does that without differentiating a noisy measurement).
+        lead: fraction of the gap between ``u`` and the value the optimizer's momentum carries
+            that one rollout closes, in [0, 1]; 0 applies ``u`` as it is (no lead).
+        optimizer_momentum: ``rho``, the per-rollout persistence of the optimizer's momentum, in
+            [0, 1); None reads it at the first rollout from the optimizer (``betas[0]`` of
+            AdamW, or SGD's ``momentum``) raised to the power ``updates_per_rollout``, and uses
+            0 when ``update`` is called outside a trainer.
         integral_band: integrate only while ``|e_k| <= integral_band * target(k)`` (keeps the
             first steps' transient out of the integral), > 0; None: always.
         eps_min, eps_max: bounds for eps_low and eps_high in clip mode, 0 <= eps_min < eps_max.
@@ -557,6 +582,8 @@ class TargetEntropy(ControlCallback):
             the low side (eps_low/beta1), >= 0, not both 0; 0 leaves that actuator untouched.
         total_steps: run length T; None reads ``trainer.max_steps``.
         coef_scale: weight of ``u`` on entropy_coef (coefficient per unit of ``u``), > 0.
+        coef_feedforward: standing entropy coefficient added to ``entropy_coef_0`` (clamped to
+            the bounds), finite; the balance point of a step response (tools/step_response.py).
         coef_max: upper bound of entropy_coef, > 0.
         coef_min: lower bound of entropy_coef, in [-1, coef_max); below 0 the controller can
             penalise entropy (an entropy-minimisation term), its authority to lower entropy.
@@ -568,9 +595,10 @@ class TargetEntropy(ControlCallback):
 
     The defaults are those of ``conf/scheduler/target_entropy.yaml``: a target falling linearly
     from 1.0 to 0.5 times the first rollout's entropy, the entropy coefficient as actuator
-    (``kp`` 0.2, ``ki`` 0.08, ``kd`` 0.15, integral band 0.5, coefficient in [-0.05, 0.5], at
-    most 0.1 per rollout), measured from step responses of SmolLM2-135M-Instruct. For an
-    absolute, constant target pass ``curve="constant", relative_to_initial=False``.
+    (``kp`` 0.2, ``ki`` 0.08, ``kd`` 0.15, integral band 0.5, no lead, no feed-forward,
+    coefficient in [-0.05, 0.5], at most 0.1 per rollout), measured from step responses of
+    SmolLM2-135M-Instruct (docs/experiments.md section 5). For an absolute, constant target pass
+    ``curve="constant", relative_to_initial=False``.
     """
 
     def __init__(
@@ -584,6 +612,8 @@ class TargetEntropy(ControlCallback):
         kp: float = 0.2,
         ki: float = 0.08,
         kd: float = 0.15,
+        lead: float = 0.0,
+        optimizer_momentum: float | None = None,
         integral_band: float | None = 0.5,
         eps_min: float = 0.02,
         eps_max: float = 0.6,
@@ -593,6 +623,7 @@ class TargetEntropy(ControlCallback):
         low_scale: float = 1.0,
         total_steps: int | None = None,
         coef_scale: float = 1.0,
+        coef_feedforward: float = 0.0,
         coef_max: float = 0.5,
         coef_min: float = -0.05,
         coef_max_change_per_step: float | None = 0.1,
@@ -623,6 +654,17 @@ class TargetEntropy(ControlCallback):
                 raise ValueError(f"{name} must be finite and >= 0 (got {value})")
         if kp == 0.0 and ki == 0.0:
             raise ValueError("kp and ki are both 0: the controller would never act")
+        if not (math.isfinite(lead) and 0.0 <= lead <= 1.0):
+            raise ValueError(f"lead must lie in [0, 1] (got {lead}); 0 applies the controller output as it is")
+        if optimizer_momentum is not None and not (
+            math.isfinite(optimizer_momentum) and 0.0 <= optimizer_momentum < 1.0
+        ):
+            raise ValueError(
+                f"optimizer_momentum must lie in [0, 1) or be None to read it from the optimizer "
+                f"(got {optimizer_momentum})"
+            )
+        if not math.isfinite(coef_feedforward):
+            raise ValueError(f"coef_feedforward must be finite (got {coef_feedforward})")
         if integral_band is not None and not (math.isfinite(integral_band) and integral_band > 0.0):
             raise ValueError(f"integral_band must be > 0 or None (got {integral_band})")
         if high_scale == 0.0 and low_scale == 0.0 and {"clip", "beta"} & set(names):
@@ -662,6 +704,8 @@ class TargetEntropy(ControlCallback):
         self.kp = float(kp)
         self.ki = float(ki)
         self.kd = float(kd)
+        self.lead = float(lead)
+        self.optimizer_momentum = None if optimizer_momentum is None else float(optimizer_momentum)
         self.integral_band = None if integral_band is None else float(integral_band)
         self.eps_min = float(eps_min)
         self.eps_max = float(eps_max)
@@ -671,6 +715,7 @@ class TargetEntropy(ControlCallback):
         self.low_scale = float(low_scale)
         self.total_steps = total_steps
         self.coef_scale = float(coef_scale)
+        self.coef_feedforward = float(coef_feedforward)
         self.coef_max = float(coef_max)
         self.coef_min = float(coef_min)
         self.coef_max_change_per_step = (
@@ -688,6 +733,13 @@ class TargetEntropy(ControlCallback):
         self.last: dict[str, float] | None = None  # actuator values written last step
         self.last_output = 0.0
         self.last_entropy: float | None = None  # the previous rollout's, for the derivative term
+        # What the optimizer's momentum carries (units of u): the rho-weighted sum of the
+        # outputs applied, and how many rollouts it holds (for Adam's bias correction).
+        self.carried_sum = 0.0
+        self.carried_count = 0
+        # rho in use: optimizer_momentum, or what on_rollout_end read from the optimizer.
+        self.momentum = 0.0 if optimizer_momentum is None else float(optimizer_momentum)
+        self._momentum_read = optimizer_momentum is not None
 
     @property
     def relies_on_clipping(self) -> bool:  # type: ignore[override]
@@ -788,6 +840,8 @@ class TargetEntropy(ControlCallback):
                         f"TargetEntropy: initial {name} = {value} lies outside the actuator "
                         f"bounds [{lower}, {upper}]; widen them or change the objective config"
                     )
+                if name == "entropy_coef":
+                    value = min(max(value + self.coef_feedforward, lower), upper)
                 self.initial[name] = value
             self.last = dict(self.initial)
         target = self.target(info)
@@ -801,7 +855,7 @@ class TargetEntropy(ControlCallback):
         # Conditional integration: try the new integral, keep the old one if saturated, or
         # (integral_band) while the error is large, e.g. in the first steps' transient.
         candidate = self.integral + error
-        _, held_up, held_down = self._actuate(self.kp * error + self.ki * candidate + damping)
+        _, held_up, held_down = self._actuate(self._lead(self.kp * error + self.ki * candidate + damping))
         saturated = (error > 0 and held_up) or (error < 0 and held_down)
         outside_band = self.integral_band is not None and abs(error) > self.integral_band * abs(target)
         integral = self.integral if saturated or outside_band else candidate
@@ -810,13 +864,16 @@ class TargetEntropy(ControlCallback):
             u_min, u_max = self._output_range()
             integral = min(max(integral, u_min / self.ki), u_max / self.ki)
         self.integral = integral
-        output = self.kp * error + self.ki * integral + damping
+        output = self._lead(self.kp * error + self.ki * integral + damping)
         values, _, _ = self._actuate(output)
         for name, value in values.items():
             setattr(control, name, value)
         self.last = values
         self.last_output = output
         self.last_entropy = entropy
+        # What the optimizer will carry: the output the actuators took, after bounds and limits.
+        self.carried_sum = self.momentum * self.carried_sum + (1.0 - self.momentum) * self._applied_output(values)
+        self.carried_count += 1
         control.info["target_entropy"] = target
         control.info["entropy_error"] = error
         # Relative tracking error |H - target| / target (the absolute error when the target is 0).
@@ -824,10 +881,44 @@ class TargetEntropy(ControlCallback):
         control.info["controller_integral"] = integral
         control.info["controller_output"] = output
         control.info["controller_saturated"] = float(saturated)
+        control.info["controller_carried"] = self._carried()
+
+    def on_rollout_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, info: StepInfo) -> None:
+        if not self._momentum_read:
+            self.momentum = _optimizer_momentum(trainer, pl_module)
+            self._momentum_read = True
+        super().on_rollout_end(trainer, pl_module, info)
+
+    def _carried(self) -> float:
+        """The bias-corrected output the optimizer's momentum carries (0 before any rollout)."""
+        if self.carried_count == 0 or self.momentum == 0.0:
+            return self.carried_sum if self.carried_count else 0.0
+        return self.carried_sum / (1.0 - self.momentum**self.carried_count)
+
+    def _lead(self, output: float) -> float:
+        """The output to apply so that the carried output closes ``lead`` of its gap to
+        ``output`` this rollout (see the class docstring); ``output`` itself without a lead."""
+        if self.lead == 0.0 or self.momentum == 0.0 or self.carried_count == 0:
+            return output  # nothing carried yet: Adam's first update applies the gradient whole
+        newest_weight = (1.0 - self.momentum) / (1.0 - self.momentum ** (self.carried_count + 1))
+        carried = self._carried()
+        return carried + max(self.lead / newest_weight, 1.0) * (output - carried)
+
+    def _applied_output(self, values: dict[str, float]) -> float:
+        """The output the actuators' values amount to (after bounds and rate limits), averaged
+        over the actuators."""
+        assert self.initial is not None
+        outputs = [
+            (values[name] - self.initial[name]) / (direction * scale)
+            for name, direction, scale, _, _, _ in self._actuators()
+        ]
+        return sum(outputs) / len(outputs)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "integral": self.integral,
+            "carried_sum": self.carried_sum,
+            "carried_count": self.carried_count,
             "entropy_init": self.entropy_init,
             "initial": None if self.initial is None else dict(self.initial),
             "last": None if self.last is None else dict(self.last),
@@ -844,6 +935,23 @@ class TargetEntropy(ControlCallback):
         self.last = None if last is None else dict(last)
         self.last_output = float(state_dict.get("last_output", 0.0))
         self.last_entropy = state_dict.get("last_entropy")
+        self.carried_sum = float(state_dict.get("carried_sum", 0.0))
+        self.carried_count = int(state_dict.get("carried_count", 0))
+
+
+def _optimizer_momentum(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+    """Per-rollout persistence of the first optimizer's momentum: ``beta1 ** updates_per_rollout``
+    (AdamW), ``momentum ** updates_per_rollout`` (SGD), 0 without momentum or optimizer."""
+    optimizers = getattr(trainer, "optimizers", None) or []
+    if not optimizers:
+        return 0.0
+    group = optimizers[0].param_groups[0]
+    if "betas" in group:
+        beta = float(group["betas"][0])
+    else:
+        beta = float(group.get("momentum", 0.0) or 0.0)
+    updates = int(getattr(pl_module, "updates_per_rollout", 1))
+    return beta**updates
 
 
 # ----------------------------------------------------------------------------- adaptive entropy
