@@ -19,9 +19,14 @@ from omegaconf import DictConfig  # noqa: E402
 
 from rlvr_lightning.train import CONFIG_DIR  # noqa: E402
 
+# The suite's numbers are float32 whatever CPU runs it: trainer.precision defaults to auto, which
+# is bf16-mixed on a CPU with native bf16. Every test that trains pins this.
+FLOAT32 = "trainer.precision=32-true"
+
 # Small, fast settings for the tiny model: 2 prompts x 4 samples x 12 tokens, 2 updates per rollout.
 TINY_OVERRIDES = [
     "model=tiny",
+    FLOAT32,
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "rollout.prompts_per_step=2",

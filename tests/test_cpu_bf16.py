@@ -2,7 +2,9 @@
 
 - ``auto`` resolves to bf16-mixed on a CPU whose flags include avx512_bf16 or amx_bf16, and to
   32-true without them, when the CPU cannot be identified, on GPUs and under FSDP2; other values
-  pass through; the default stays 32-true; a bad value is a ConfigError naming the allowed ones.
+  pass through; the CPU default is auto (trainer=gpu: bf16-mixed, trainer=fsdp2/fsdp: 32-true), and
+  the suite pins 32-true (its numbers are float32's); a bad value is a ConfigError naming the allowed
+  ones.
 - Under CPU bf16 autocast, decoding runs in bfloat16 with each linear weight cast once per
   rollout (the same numbers as autocast's per-call casts); the sampler gets bfloat16 logits and
   returns float32 log-probs, close to float32's; the master weights stay float32.
@@ -28,7 +30,7 @@ from rlvr_lightning.logprobs import response_logprobs
 from rlvr_lightning.precision import cpu_bf16_support, resolve_precision, weights_cast_once
 from rlvr_lightning.rollout import RolloutEngine, SamplingParams, build_engine, sample_shared_prefix
 from rlvr_lightning.update import PolicyUpdater
-from tests.conftest import compose_config
+from tests.conftest import FLOAT32, TINY_OVERRIDES, compose_config
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
 PROMPTS = ["12+7=", "3*4=", "100-1="]
@@ -99,13 +101,20 @@ def test_other_values_pass_through(tmp_path: Path, value: object) -> None:
         assert "trainer.precision=auto or bf16-mixed would use it" in choice.reason
 
 
-def test_the_default_is_unchanged_float32_and_one_line_switches_it(tmp_path: Path) -> None:
-    path = cpuinfo(tmp_path, "avx512_bf16")
-    cfg = compose_config(["model=tiny"])
-    assert cfg.trainer.precision == "32-true"  # the golden scalars are float32's
-    assert resolve_precision(cfg.trainer, path).precision == "32-true"
+def test_the_cpu_default_is_auto_and_one_line_pins_float32(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    bf16, plain = cpuinfo(tmp_path, "avx512_bf16"), cpuinfo(tmp_path / "plain", "avx2 avx512f")
+    for trainer in ("cpu", "ddp"):  # trainer=ddp inherits trainer=cpu's
+        cfg = compose_config(["model=tiny", f"trainer={trainer}"])
+        assert cfg.trainer.precision == "auto"
+        assert resolve_precision(cfg.trainer, bf16).precision == "bf16-mixed"
+        assert resolve_precision(cfg.trainer, plain).precision == "32-true"
+    # The suite's numbers (the golden scalars among them) are float32's on any CPU.
+    assert FLOAT32 in TINY_OVERRIDES
+    assert resolve_precision(compose_config(TINY_OVERRIDES).trainer, bf16).precision == "32-true"
     assert compose_config(["trainer=gpu"]).trainer.precision == "bf16-mixed"  # GPUs: as before
-    assert compose_config(["trainer=fsdp2"]).trainer.precision == "32-true"
+    for trainer in ("fsdp2", "fsdp"):  # FSDP2's own mixed precision is trainer.strategy.mixed_precision
+        assert compose_config([f"trainer={trainer}"]).trainer.precision == "32-true"
     for value in ("auto", "bf16-mixed", "32-true"):
         validate_config(compose_config(["model=tiny", f"trainer.precision={value}"]))
 

@@ -2,8 +2,10 @@
 
 ``tests/golden/scalars.json`` holds every per-step TensorBoard scalar (machine timings aside) of
 the runs that ``tests/golden/record.py`` defines: each objective and each schedule on the tiny
-model, 3 rollouts of 4 updates, and two steps of the default model. A change that moves any of
-them changes training; such a change rewrites the file in the same commit and says why.
+model, 3 rollouts of 4 updates, and two steps of the default model, all in float32 whatever the
+CPU (``scalars_of`` pins ``trainer.precision=32-true``; the CPU default ``auto`` would be bf16 on
+a CPU with native bf16). A change that moves any of them changes training; such a change
+rewrites the file in the same commit and says why.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def test_run_gives_the_golden_scalars(name: str) -> None:
     )
     for tag, points in recorded["scalars"].items():
         assert got[tag] == points, f"{name}: {tag} changed: {points} -> {got[tag]}"
+
+
+def test_every_run_is_pinned_to_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorded scalars are float32's: every run trains with trainer.precision=32-true."""
+    from rlvr_lightning import train
+
+    composed = []
+    monkeypatch.setattr(train, "run", lambda cfg, run_dir: composed.append(cfg))
+    for overrides in runs().values():
+        scalars_of(overrides)
+    assert len(composed) == len(runs())
+    assert {cfg.trainer.precision for cfg in composed} == {"32-true"}
 
 
 def test_every_config_is_guarded() -> None:

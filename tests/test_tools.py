@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import FLOAT32, TINY_OVERRIDES
 from tools import compare_schedules, plot_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_run_experiment_smoke(tmp_path: Path) -> None:
     from tools.run_experiment import main
 
     extra = ["trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
-             "rollout.max_new_tokens=8", "rollout.epochs=1", "data.num_train=50", "data.num_val=4"]
+             "rollout.max_new_tokens=8", "rollout.epochs=1", "data.num_train=50", "data.num_val=4", FLOAT32]
     out = main(["random_rewards", "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path),
                 "--extra", *extra])
     assert out == tmp_path

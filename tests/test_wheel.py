@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FLOAT32
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ def test_wheel_installed_elsewhere_trains_from_an_unrelated_folder(tmp_path: Pat
     result = subprocess.run(
         [sys.executable, "-m", "rlvr_lightning.train", "model=tiny", "trainer.max_steps=1",
          "validate_before_training=false", "trainer.enable_progress_bar=false", "rollout.max_new_tokens=8",
-         "data.num_val=4", "data.val_batch_size=4"],
+         "data.num_val=4", "data.val_batch_size=4", FLOAT32],
         cwd=work, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

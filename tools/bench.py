@@ -8,8 +8,11 @@ Both frameworks get the same model (the SmolLM2-135M-Instruct folder that ``mode
 dequantises, or ``--model``), the same prompt strings (single-digit addition in the chat
 template, built by ``rlvr_lightning.data.prompts.build_prompt``), the same group size, the same
 sampling temperature, the same reward function (``rlvr_lightning.rewards.RewardFunction``), no
-KL term, and one optimizer update per rollout. Generation is forced to the full length
-(``rollout.ignore_eos=true`` here, ``min_new_tokens`` there), so both do the same work.
+KL term, one optimizer update per rollout, and the same precision: float32 on CPU (ours pinned to
+``trainer.precision=32-true``, since ``trainer=cpu``'s default, ``auto``, is bf16-mixed on a CPU
+with native bf16; ``--override trainer.precision=bf16-mixed`` measures ours in bf16), bf16 on GPU.
+Generation is forced to the full length (``rollout.ignore_eos=true`` here, ``min_new_tokens``
+there), so both do the same work.
 
 Each framework runs in its own subprocess (so peak memories do not mix), for ``--warmup`` steps
 that are not timed, then ``--steps`` timed steps. Reported for each: seconds per step (wall time
@@ -151,6 +154,8 @@ def run_ours(args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any
     data.write_text("\n".join(json.dumps({"question": r["question"], "answer": r["answer"]}) for r in rows))
     overrides = [
         f"trainer={args.mode}",
+        # float32 on CPU, as TRL's run (use_cpu, no bf16); a later --override wins.
+        *(["trainer.precision=32-true"] if args.mode == "cpu" else []),
         "model=hf", f"model.name_or_path={model}",
         "model.dtype=float32",
         "data=jsonl", f"data.path={data}", "data.val_size=0",

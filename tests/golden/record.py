@@ -2,8 +2,11 @@
 
 Short runs on the tiny model (every objective under the constant schedule, every schedule under
 GRPO; 3 rollouts of 4 optimizer updates each, validation at step 3) and two steps of the default
-model. Scalars that measure the machine (``time/``, ``perf/``) are left out; every other tag is
-kept at full float32 precision, so "unchanged" means bit-identical on the same CPU build.
+model. Every run trains in float32 whatever CPU records or checks it: ``scalars_of`` adds
+``trainer.precision=32-true`` (``tests.conftest.FLOAT32``) after each run's overrides (the CPU
+default, ``auto``, is bf16-mixed on a CPU with native bf16). Scalars that measure the machine
+(``time/``, ``perf/``) are left out; every other tag is kept at full float32 precision, so
+"unchanged" means bit-identical on the same CPU build.
 
     python tests/golden/record.py              # rewrite tests/golden/scalars.json
     python tests/golden/record.py --only tiny  # the tiny-model runs only
@@ -82,14 +85,16 @@ def runs(only: str | None = None) -> dict[str, list[str]]:
 
 
 def scalars_of(overrides: list[str]) -> dict[str, list[list[float]]]:
+    """The run's scalars (machine timings aside), trained in float32 (``FLOAT32`` comes last, so
+    it holds on any CPU)."""
     import torch
 
     torch.set_num_threads(1)
     from rlvr_lightning.train import run
-    from tests.conftest import compose_config, read_scalars
+    from tests.conftest import FLOAT32, compose_config, read_scalars
 
     with tempfile.TemporaryDirectory() as folder:
-        run(compose_config(overrides), run_dir=Path(folder) / "run")
+        run(compose_config([*overrides, FLOAT32]), run_dir=Path(folder) / "run")
         scalars = read_scalars(Path(folder) / "run")
     return {
         tag: [[step, value] for step, value in points]
