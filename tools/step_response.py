@@ -155,7 +155,7 @@ def analyse(field: str, series: dict[float, list[tuple[int, float]]], fraction: 
     }
     overrides = result["suggestion"]["overrides"]
     if field == "entropy_coef":
-        # The shipped feed-forward is SmolLM2's balance point: without a measured one, none.
+        # Without a measured balance point, no feed-forward.
         overrides.append(f"scheduler.coef_feedforward={0.0 if balance is None else balance - baseline:.4g}")
     elif balance is not None:
         overrides.append(f"objective.control.{field}={balance:.4g}")

@@ -737,9 +737,8 @@ class TargetEntropy(ControlCallback):
         # outputs applied, and how many rollouts it holds (for Adam's bias correction).
         self.carried_sum = 0.0
         self.carried_count = 0
-        # rho in use: optimizer_momentum, or what on_rollout_end read from the optimizer.
+        # rho in use: optimizer_momentum, or what on_rollout_end reads from the optimizer.
         self.momentum = 0.0 if optimizer_momentum is None else float(optimizer_momentum)
-        self._momentum_read = optimizer_momentum is not None
 
     @property
     def relies_on_clipping(self) -> bool:  # type: ignore[override]
@@ -884,15 +883,14 @@ class TargetEntropy(ControlCallback):
         control.info["controller_carried"] = self._carried()
 
     def on_rollout_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, info: StepInfo) -> None:
-        if not self._momentum_read:
+        if self.optimizer_momentum is None:  # one float from the optimizer, each rollout
             self.momentum = _optimizer_momentum(trainer, pl_module)
-            self._momentum_read = True
         super().on_rollout_end(trainer, pl_module, info)
 
     def _carried(self) -> float:
         """The bias-corrected output the optimizer's momentum carries (0 before any rollout)."""
-        if self.carried_count == 0 or self.momentum == 0.0:
-            return self.carried_sum if self.carried_count else 0.0
+        if self.carried_count == 0:
+            return 0.0
         return self.carried_sum / (1.0 - self.momentum**self.carried_count)
 
     def _lead(self, output: float) -> float:
