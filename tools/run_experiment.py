@@ -119,7 +119,8 @@ def file_settings(path: Path) -> str:
                 settings.append(f"{key.removeprefix('override').strip().lstrip('/')}={value}")
     for key in ("recipe", "hydra"):
         content.pop(key, None)
-    return " ".join(settings + _flatten(content)) if content or settings else "-"
+    settings += _flatten(content) if content else []  # an arm that only swaps groups sets no keys
+    return " ".join(settings) if settings else "-"
 
 
 REDUCTIONS = "first, last, mean, mean_from_<step>, max_from_<step>, mean_to_<step>"
