@@ -46,6 +46,14 @@ ARM_VALUES: dict[str, dict[str, object]] = {
         "objective.control.eps_low": 0.05,
         "objective.control.eps_high": 10.0,
     },
+    "random_rewards/clip_low_0.05": {
+        "objective.control.eps_low": 0.05,
+        "objective.control.eps_high": 0.2,
+    },
+    "random_rewards/clip_high_0.05": {
+        "objective.control.eps_low": 0.2,
+        "objective.control.eps_high": 0.05,
+    },
     "ce_gppo_betas/b1_0_b2_1": {"objective.control.beta1": 0.0, "objective.control.beta2": 1.0},
     "ce_gppo_betas/b1_0.5_b2_1": {"objective.control.beta1": 0.5, "objective.control.beta2": 1.0},
     "ce_gppo_betas/b1_1_b2_1": {"objective.control.beta1": 1.0, "objective.control.beta2": 1.0},
@@ -66,24 +74,24 @@ ARM_VALUES: dict[str, dict[str, object]] = {
 
 # What every arm of a recipe shares (from its _base.yaml).
 SHARED: dict[str, dict[str, object]] = {
-    "schedules": {"objective.name": "grpo", "trainer.max_steps": 10, "rollout.epochs": 2},
+    "schedules": {"objective.name": "grpo", "rollout.epochs": 2, "data.operations": ["*"]},
     "objectives": {
         "scheduler._target_": SCHEDULER + "ConstantSchedule",
-        "trainer.max_steps": 10,
         "rollout.epochs": 2,
+        "data.operations": ["*"],
     },
     "random_rewards": {
         "objective.name": "ppo",
         "reward.random_reward_probability": 0.5,
         "rollout.epochs": 4,
         "optim.lr": 3e-5,
-        "trainer.max_steps": 10,
+        "data.operations": ["+"],
     },
     "ce_gppo_betas": {
         "objective.name": "ce_gppo",
         "optim.lr": 2e-5,
-        "trainer.max_steps": 8,
         "rollout.epochs": 2,
+        "data.operations": ["*"],
     },
     "entropy_control": {
         "objective.name": "grpo",
@@ -94,8 +102,11 @@ SHARED: dict[str, dict[str, object]] = {
         "rollout.group_size": 4,
     },
 }
+# The four recipes of the papers' findings: 4 prompts x 4 samples, 30 steps, 3 seeds each.
 for _recipe in ("schedules", "objectives", "random_rewards", "ce_gppo_betas"):
-    SHARED[_recipe]["rollout.prompts_per_step"] = 4
+    SHARED[_recipe].update(
+        {"rollout.prompts_per_step": 4, "rollout.group_size": 4, "trainer.max_steps": 30, "recipe.seeds": [0, 1, 2]}
+    )
 COMMON = {
     "validate_before_training": False,
     "trainer.val_check_interval": 1000,

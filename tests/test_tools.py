@@ -142,13 +142,24 @@ def test_run_experiment_lists_recipes_and_arms() -> None:
         arms("no_such_recipe")
 
 
+def test_run_experiment_states_what_each_arm_file_sets() -> None:
+    from tools.run_experiment import RECIPES, file_settings
+
+    # Group overrides only (the objectives arms): no empty key left over.
+    assert file_settings(RECIPES / "objectives" / "grpo.yaml") == "objective=grpo"
+    assert file_settings(RECIPES / "random_rewards" / "clip_high_0.05.yaml") == (
+        "objective.control.eps_low=0.2 objective.control.eps_high=0.05"
+    )
+
+
 def test_run_experiment_smoke(tmp_path: Path) -> None:
-    """Both arms of a recipe on the tiny model, 2 steps, 2 seeds, through the command line."""
+    """Two arms of a recipe on the tiny model, 2 steps, 2 seeds, through the command line."""
     from tools.run_experiment import main
 
     extra = ["trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
              "rollout.max_new_tokens=8", "rollout.epochs=1", "data.num_train=50", "data.num_val=4", FLOAT32]
-    out = main(["random_rewards", "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path),
+    arms = ["--arms", "clip_low_0.05_high_off", "symmetric_eps_0.2"]
+    out = main(["random_rewards", *arms, "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path),
                 "--extra", *extra])
     assert out == tmp_path
     assert_png(out / "random_rewards.png")
@@ -172,13 +183,13 @@ def test_run_experiment_smoke(tmp_path: Path) -> None:
     # --report rebuilds the tables from the runs without training; the recipe's own columns.
     for run in out.glob("*_seed*"):
         (run / "checkpoints" / "last.ckpt").unlink()
-    main(["random_rewards", "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--report",
+    main(["random_rewards", *arms, "--model", "tiny", "--seeds", "0", "1", "--out-dir", str(tmp_path), "--report",
           "--extra", *extra, "+recipe.columns=[[reward worst from 1,reward/mean,max_from_1]]"])
     assert not any(out.glob("*_seed*/checkpoints/last.ckpt"))  # nothing trained again
     report = (out / "summary.md").read_text()
     assert "| arm | seeds | reward worst from 1 | wall s |" in report
     with pytest.raises(FileNotFoundError, match="run that arm and seed first"):
-        main(["random_rewards", "--model", "tiny", "--seeds", "7", "--out-dir", str(tmp_path), "--report"])
+        main(["random_rewards", *arms, "--model", "tiny", "--seeds", "7", "--out-dir", str(tmp_path), "--report"])
 
 
 def test_run_experiment_reductions() -> None:
