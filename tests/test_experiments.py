@@ -54,6 +54,11 @@ ARM_VALUES: dict[str, dict[str, object]] = {
         "objective.control.eps_low": 0.2,
         "objective.control.eps_high": 0.05,
     },
+}
+# The low-learning-rate arms: their base arm's clip bounds at lr 5e-6.
+for _arm in ("symmetric_eps_0.2", "clip_low_0.05", "clip_high_0.05"):
+    ARM_VALUES[f"random_rewards/{_arm}_lr_5e-6"] = {**ARM_VALUES[f"random_rewards/{_arm}"], "optim.lr": 5e-6}
+ARM_VALUES |= {
     "ce_gppo_betas/b1_0_b2_1": {"objective.control.beta1": 0.0, "objective.control.beta2": 1.0},
     "ce_gppo_betas/b1_0.5_b2_1": {"objective.control.beta1": 0.5, "objective.control.beta2": 1.0},
     "ce_gppo_betas/b1_1_b2_1": {"objective.control.beta1": 1.0, "objective.control.beta2": 1.0},

@@ -150,6 +150,10 @@ def test_run_experiment_states_what_each_arm_file_sets() -> None:
     assert file_settings(RECIPES / "random_rewards" / "clip_high_0.05.yaml") == (
         "objective.control.eps_low=0.2 objective.control.eps_high=0.05"
     )
+    # An arm built on another arm names it, then what it changes.
+    assert file_settings(RECIPES / "random_rewards" / "clip_low_0.05_lr_5e-6.yaml") == (
+        "+experiment=random_rewards/clip_low_0.05 optim.lr=5e-06"
+    )
 
 
 def test_run_experiment_smoke(tmp_path: Path) -> None:

@@ -109,12 +109,14 @@ def _flatten(node: object, prefix: str = "") -> list[str]:
 
 
 def file_settings(path: Path) -> str:
-    """What a recipe file sets, in override form: its group overrides, then its keys (without the
-    ``recipe`` block and Hydra's settings)."""
+    """What a recipe file sets, in override form: the arm it builds on (if any), its group
+    overrides, then its keys (without the ``recipe`` block and Hydra's settings)."""
     content = yaml.safe_load(path.read_text()) or {}
     settings = []
     for entry in content.pop("defaults", []):
-        if isinstance(entry, dict):
+        if isinstance(entry, str) and not Path(entry).name.startswith("_"):  # built on another arm
+            settings.append(f"+{entry.lstrip('/').replace('/', '=', 1)}")
+        elif isinstance(entry, dict):
             for key, value in entry.items():
                 settings.append(f"{key.removeprefix('override').strip().lstrip('/')}={value}")
     for key in ("recipe", "hydra"):
